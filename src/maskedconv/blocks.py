@@ -1,0 +1,153 @@
+"""Blocks built from :class:`~maskedconv.MaskedConv2d` that keep causality.
+
+Each block maps ``(B, C, H, W)`` to ``(B, C, H, W)`` and, like a type-B layer, lets
+group g at pixel p see groups ``<= g`` at p and everything before p.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .conv import MaskedConv2d
+from .masks import check_group_layout, group_split_error
+
+__all__ = ["BottleneckBlock", "GroupLayerNorm", "ResidualBlock"]
+
+
+class ResidualBlock(nn.Module):
+    """The PixelCNN residual block: ``x + relu(B1x1(relu(Bkxk(relu(B1x1(x))))))``.
+
+    Each convolution is type B with ``channels`` in and out (van den Oord et al.,
+    "Pixel Recurrent Neural Networks", 2016, Figure 5, with the kxk conv of the
+    design blog in place of 3x3).
+
+    Args:
+        channels: C, divisible by ``color_groups``.
+        kernel_size: odd size of the middle convolution.
+        color_groups: number of ordered channel groups G.
+        group_layout: ``"blocked"`` or ``"interleaved"``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 7,
+        *,
+        color_groups: int = 1,
+        group_layout: str = "blocked",
+    ) -> None:
+        super().__init__()
+        opts = dict(mask_type="B", color_groups=color_groups, group_layout=group_layout)
+        self.body = nn.Sequential(
+            MaskedConv2d(channels, channels, 1, **opts),  # type: ignore[arg-type]
+            nn.ReLU(),
+            MaskedConv2d(channels, channels, kernel_size, **opts),  # type: ignore[arg-type]
+            nn.ReLU(),
+            MaskedConv2d(channels, channels, 1, **opts),  # type: ignore[arg-type]
+            nn.ReLU(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, C, H, W)``; the skip is added here, once."""
+        return x + self.body(x)
+
+
+class GroupLayerNorm(nn.Module):
+    """LayerNorm over the channels of one colour group at one pixel.
+
+    Normalising across all channels would mix group g with later groups at the same
+    pixel and break the channel order; normalising within each group keeps it.
+
+    Args:
+        channels: C, divisible by ``color_groups``.
+        color_groups: number of ordered channel groups G.
+        group_layout: ``"blocked"`` or ``"interleaved"``.
+        eps: added to the variance.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        color_groups: int = 1,
+        group_layout: str = "blocked",
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        check_group_layout(group_layout)
+        if channels % color_groups:
+            raise group_split_error("channels", channels, color_groups)
+        self.channels = channels
+        self.color_groups = color_groups
+        self.group_layout = group_layout
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, C, H, W)``."""
+        b, c, h, w = x.shape
+        g = self.color_groups
+        if self.group_layout == "blocked":
+            grouped = x.reshape(b, g, c // g, h, w)  # (B, G, C/G, H, W)
+            dim = 2
+        else:
+            grouped = x.reshape(b, c // g, g, h, w)  # (B, C/G, G, H, W)
+            dim = 1
+        mean = grouped.mean(dim, keepdim=True)
+        var = grouped.var(dim, unbiased=False, keepdim=True)
+        normed = ((grouped - mean) * torch.rsqrt(var + self.eps)).reshape(b, c, h, w)
+        return normed * self.weight[:, None, None] + self.bias[:, None, None]
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.channels}, color_groups={self.color_groups}, "
+            f"group_layout={self.group_layout}, eps={self.eps}"
+        )
+
+
+class BottleneckBlock(nn.Module):
+    """The course solution's residual block: C -> C/2 -> C/2 -> C, with a group LayerNorm.
+
+    ``x + B1x1(relu(Bkxk(relu(B1x1(relu(norm(x)))))))`` where ``norm`` is a
+    :class:`GroupLayerNorm` (Berkeley CS294-158, homework 1).
+
+    Args:
+        channels: C, divisible by ``2 * color_groups``.
+        kernel_size: odd size of the middle convolution.
+        color_groups: number of ordered channel groups G.
+        group_layout: ``"blocked"`` or ``"interleaved"``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 7,
+        *,
+        color_groups: int = 1,
+        group_layout: str = "blocked",
+    ) -> None:
+        super().__init__()
+        if channels % (2 * color_groups):
+            raise group_split_error(
+                "channels",
+                channels,
+                2 * color_groups,
+                f"2 * color_groups = {2 * color_groups} (the bottleneck halves it)",
+            )
+        half = channels // 2
+        opts = dict(mask_type="B", color_groups=color_groups, group_layout=group_layout)
+        self.body = nn.Sequential(
+            GroupLayerNorm(channels, color_groups=color_groups, group_layout=group_layout),
+            nn.ReLU(),
+            MaskedConv2d(channels, half, 1, **opts),  # type: ignore[arg-type]
+            nn.ReLU(),
+            MaskedConv2d(half, half, kernel_size, **opts),  # type: ignore[arg-type]
+            nn.ReLU(),
+            MaskedConv2d(half, channels, 1, **opts),  # type: ignore[arg-type]
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, C, H, W)``; the skip is added here, once."""
+        return x + self.body(x)

@@ -1,0 +1,214 @@
+"""``MaskedConv2d``: a causal ``nn.Conv2d``, and its functional twin."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from .masks import check_group_layout, group_split_error, make_mask, resolve_mask_type
+
+__all__ = ["MaskedConv2d", "masked_conv2d"]
+
+_Size2 = Union[int, tuple[int, int]]
+
+
+def masked_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    mask: Tensor,
+    bias: Tensor | None = None,
+    padding: _Size2 = 0,
+    dilation: _Size2 = 1,
+    groups: int = 1,
+) -> Tensor:
+    """Convolve ``input`` with ``weight * mask`` (stride 1).
+
+    The product is taken inside the autograd graph, so ``weight.grad`` is exactly
+    zero wherever ``mask`` is zero, and ``weight`` itself is never modified.
+
+    Args:
+        input: ``(B, C_in, H, W)``.
+        weight: ``(C_out, C_in // groups, kh, kw)``.
+        mask: zeros and ones, broadcastable to ``weight``.
+        bias: ``(C_out,)`` or ``None``.
+        padding: zero padding, as in :func:`torch.nn.functional.conv2d`.
+        dilation: as in :func:`torch.nn.functional.conv2d`.
+        groups: as in :func:`torch.nn.functional.conv2d`.
+
+    Returns:
+        ``(B, C_out, H', W')``; with ``padding = dilation * (k - 1) // 2`` the input's
+        height and width are kept.
+    """
+    return F.conv2d(input, weight * mask, bias, 1, padding, dilation, groups)
+
+
+class MaskedConv2d(nn.Conv2d):
+    """A 2-D convolution that sees only the causal past of each output.
+
+    With ``color_groups`` G, input and output channels are split into G ordered
+    groups (``group_layout`` says how). Output group g at pixel p sees every input at
+    pixels before p in raster order, and at p the input groups ``< g``
+    (``mask_type="A"``) or ``<= g`` (``mask_type="B"``). For G = 3 this is the
+    R -> G -> B ordering of PixelCNN (van den Oord et al., 2016).
+
+    The mask is a non-persistent buffer ``.mask`` of the weight's shape, multiplied
+    into the weight inside ``forward``; masked weights are zeroed at construction,
+    get exactly zero gradient, and a ``state_dict`` stays that of a plain
+    ``nn.Conv2d``. Output height and width equal the input's.
+
+    Args:
+        in_channels: input channels; divisible by ``color_groups``.
+        out_channels: output channels; divisible by ``color_groups``.
+        kernel_size: odd int or pair of odd ints.
+        stride: must be 1 (a strided causal conv would skip pixels it must emit).
+        padding: ``None`` or ``"same"`` (default: keep H and W), or the explicit
+            value that keeps them, ``dilation * (k - 1) // 2``.
+        dilation: as in ``nn.Conv2d``.
+        groups: as in ``nn.Conv2d``; only 1 when ``color_groups > 1``.
+        bias: as in ``nn.Conv2d``.
+        padding_mode: must be ``"zeros"``: reflected or circular padding copies
+            future pixels into the past.
+        mask_type: ``"A"``, ``"B"`` or a callable (see
+            :class:`maskedconv.masks.MaskFunction`) returning a 0/1 mask.
+        color_groups: number of ordered channel groups G (1 for binary or grayscale).
+        group_layout: ``"blocked"`` (contiguous thirds for RGB) or ``"interleaved"``
+            (channel c in group ``c % G``).
+        device: as in ``nn.Conv2d``.
+        dtype: as in ``nn.Conv2d``.
+
+    Raises:
+        ValueError: for an unknown mask type, an even kernel size, channels that do not
+            split into ``color_groups``, ``stride != 1``, a padding that changes the
+            size, a ``padding_mode`` other than ``"zeros"``, ``groups > 1`` with
+            ``color_groups > 1``, or a callable mask of the wrong shape or values.
+        TypeError: if ``mask_type`` is neither a string nor a callable.
+
+    Example:
+        >>> conv = MaskedConv2d(3, 48, 7, mask_type="A", color_groups=3)
+        >>> conv(torch.randn(2, 3, 28, 28)).shape
+        torch.Size([2, 48, 28, 28])
+    """
+
+    mask: Tensor
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _Size2,
+        stride: _Size2 = 1,
+        padding: _Size2 | str | None = None,
+        dilation: _Size2 = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        mask_type: str | Callable[..., Tensor] = "B",
+        color_groups: int = 1,
+        group_layout: str = "blocked",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        resolve_mask_type(mask_type)
+        kernel = _pair(kernel_size)
+        dilation2 = _pair(dilation)
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, but got {value!r}")
+        if any(k % 2 == 0 or k < 1 for k in kernel):
+            raise ValueError(
+                f"kernel_size must be odd so that the kernel has a centre tap, but got {kernel_size}"
+            )
+        if _pair(stride) != (1, 1):
+            raise ValueError(
+                f"stride must be 1: a strided masked conv cannot emit every pixel, but got {stride}"
+            )
+        same = (dilation2[0] * (kernel[0] - 1) // 2, dilation2[1] * (kernel[1] - 1) // 2)
+        if padding is None or padding == "same":
+            padding = same
+        elif isinstance(padding, str) or _pair(padding) != same:
+            raise ValueError(
+                f"padding must be None, 'same' or {same} (the padding that keeps the "
+                f"height and width for kernel_size={kernel}, dilation={dilation2}), "
+                f"but got {padding!r}"
+            )
+        if padding_mode != "zeros":
+            raise ValueError(
+                f"padding_mode must be 'zeros': {padding_mode!r} padding copies pixels from "
+                f"the bottom and right edges into the visible past, but got {padding_mode!r}"
+            )
+        if not isinstance(color_groups, int) or isinstance(color_groups, bool) or color_groups < 1:
+            raise ValueError(f"color_groups must be a positive int, but got {color_groups!r}")
+        check_group_layout(group_layout)
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if value % color_groups:
+                raise group_split_error(name, value, color_groups)
+        if groups != 1 and color_groups != 1:
+            raise ValueError(
+                f"groups must be 1 when color_groups > 1: a grouped convolution cuts the "
+                f"channels into blocks that do not follow the colour-group order, but got "
+                f"groups={groups} with color_groups={color_groups}"
+            )
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel,
+            stride=1,
+            padding=_pair(padding),
+            dilation=dilation2,
+            groups=groups,
+            bias=bias,
+            padding_mode="zeros",
+            device=device,
+            dtype=dtype,
+        )
+        self.mask_type = mask_type
+        self.color_groups = color_groups
+        self.group_layout = group_layout
+        mask = make_mask(
+            mask_type,
+            out_channels=out_channels,
+            in_channels=in_channels // groups,
+            kernel_size=kernel,
+            color_groups=color_groups,
+            group_layout=group_layout,
+        )
+        self.register_buffer(
+            "mask", mask.to(device=self.weight.device, dtype=self.weight.dtype), persistent=False
+        )
+        with torch.no_grad():
+            self.weight.mul_(self.mask)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise as ``nn.Conv2d`` does, then zero the masked weights again."""
+        super().reset_parameters()
+        mask = getattr(self, "mask", None)  # absent while nn.Conv2d.__init__ runs
+        if mask is not None:
+            with torch.no_grad():
+                self.weight.mul_(mask)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Apply the masked convolution.
+
+        Args:
+            input: ``(B, in_channels, H, W)``.
+
+        Returns:
+            ``(B, out_channels, H, W)``.
+        """
+        return masked_conv2d(
+            input, self.weight, self.mask, self.bias, self.padding, self.dilation, self.groups
+        )
+
+    def extra_repr(self) -> str:
+        kind = self.mask_type if isinstance(self.mask_type, str) else getattr(
+            self.mask_type, "__name__", type(self.mask_type).__name__
+        )
+        return (
+            f"{super().extra_repr()}, mask_type={kind}, color_groups={self.color_groups}, "
+            f"group_layout={self.group_layout}"
+        )

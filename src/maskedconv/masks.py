@@ -1,0 +1,284 @@
+"""Causal masks for masked convolutions.
+
+A mask is a ``(out_channels, in_channels, kh, kw)`` tensor of zeros and ones that
+is multiplied into a convolution's weight. It is the product of two independent
+choices (van den Oord et al., "Pixel Recurrent Neural Networks", 2016):
+
+* a *spatial* causal mask: every tap above the centre row and left of the centre
+  on the centre row is kept; every tap below or to the right is dropped;
+* a *channel-group order* at the centre tap: with ``color_groups`` G, output group
+  g sees input groups ``< g`` (mask type A) or ``<= g`` (mask type B).
+
+For G = 1 this reduces to the familiar pictures (7x7, type B; type A also zeroes
+the centre)::
+
+    1 1 1 1 1 1 1
+    1 1 1 1 1 1 1
+    1 1 1 1 1 1 1
+    1 1 1 1 0 0 0
+    0 0 0 0 0 0 0
+    0 0 0 0 0 0 0
+    0 0 0 0 0 0 0
+
+Everything here is a pure function returning a new tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GROUP_LAYOUTS",
+    "MASK_TYPES",
+    "MaskFunction",
+    "channel_groups",
+    "check_group_layout",
+    "group_split_error",
+    "make_mask",
+    "mask_a",
+    "mask_b",
+    "resolve_mask_type",
+    "spatial_mask",
+]
+
+GROUP_LAYOUTS = ("blocked", "interleaved")
+
+
+class MaskFunction(Protocol):
+    """What ``mask_type`` may be: a function building a mask of the weight's shape.
+
+    It is called with keywords and returns a ``(out_channels, in_channels, kh, kw)``
+    tensor of zeros and ones (``bool`` or any real dtype).
+    """
+
+    def __call__(
+        self,
+        *,
+        out_channels: int,
+        in_channels: int,
+        kernel_size: tuple[int, int],
+        color_groups: int,
+        group_layout: str,
+    ) -> Tensor: ...
+
+
+def check_group_layout(group_layout: object) -> str:
+    """Return ``group_layout`` if it names a known layout, else raise ``ValueError``."""
+    if group_layout not in GROUP_LAYOUTS:
+        raise ValueError(
+            f"group_layout must be one of {GROUP_LAYOUTS}, but got {group_layout!r}"
+        )
+    return str(group_layout)
+
+
+def group_split_error(
+    name: str, channels: int, divisor: int, divisor_text: str | None = None
+) -> ValueError:
+    """The error for a channel count that does not split into equal colour groups."""
+    below = channels - channels % divisor
+    above = below + divisor
+    nearest = f"{above}" if below == 0 else f"{below} or {above}"
+    what = divisor_text or f"color_groups={divisor}"
+    return ValueError(
+        f"{name} must be divisible by {what} so that every colour group gets the "
+        f"same number of channels, but got {channels}; nearest valid values: {nearest}"
+    )
+
+
+def channel_groups(channels: int, color_groups: int, group_layout: str = "blocked") -> Tensor:
+    """Colour group of each channel.
+
+    Args:
+        channels: number of channels C; must be divisible by ``color_groups``.
+        color_groups: number of autoregressively ordered groups G.
+        group_layout: ``"blocked"`` (channels ``[g*C/G, (g+1)*C/G)`` form group g)
+            or ``"interleaved"`` (channel c is in group ``c % G``).
+
+    Returns:
+        ``(C,)`` int64 tensor with values in ``[0, G)``.
+
+    Raises:
+        ValueError: if the layout is unknown or C does not split into G groups.
+    """
+    check_group_layout(group_layout)
+    if color_groups < 1:
+        raise ValueError(f"color_groups must be >= 1, but got {color_groups}")
+    if channels % color_groups:
+        raise group_split_error("channels", channels, color_groups)
+    index = torch.arange(channels)
+    if group_layout == "blocked":
+        return index // (channels // color_groups)
+    return index % color_groups
+
+
+def spatial_mask(kernel_size: tuple[int, int], *, include_center: bool) -> Tensor:
+    """The ``(kh, kw)`` causal mask: rows above the centre, and the centre row left of it.
+
+    Args:
+        kernel_size: odd ``(kh, kw)``.
+        include_center: whether the centre tap is kept.
+
+    Returns:
+        ``(kh, kw)`` bool tensor.
+    """
+    kh, kw = kernel_size
+    mask = torch.zeros(kh, kw, dtype=torch.bool)
+    mask[: kh // 2, :] = True
+    mask[kh // 2, : kw // 2 + int(include_center)] = True
+    return mask
+
+
+def _ordered_mask(
+    *,
+    out_channels: int,
+    in_channels: int,
+    kernel_size: tuple[int, int],
+    color_groups: int,
+    group_layout: str,
+    include_own_group: bool,
+) -> Tensor:
+    # Strictly earlier pixels are always visible; at the centre tap the
+    # channel-group order decides.
+    out_groups = channel_groups(out_channels, color_groups, group_layout)
+    in_groups = channel_groups(in_channels, color_groups, group_layout)
+    if include_own_group:
+        center = out_groups[:, None] >= in_groups[None, :]
+    else:
+        center = out_groups[:, None] > in_groups[None, :]
+    kh, kw = kernel_size
+    mask = spatial_mask(kernel_size, include_center=False).expand(
+        out_channels, in_channels, kh, kw
+    ).clone()
+    mask[:, :, kh // 2, kw // 2] = center
+    return mask
+
+
+def mask_a(
+    *,
+    out_channels: int,
+    in_channels: int,
+    kernel_size: tuple[int, int],
+    color_groups: int = 1,
+    group_layout: str = "blocked",
+) -> Tensor:
+    """Mask type A: output group g at pixel p sees input groups ``< g`` at p.
+
+    Used by the first layer, whose input is the image itself: with G = 1 the centre
+    tap is dropped, so a pixel never sees its own value.
+
+    Returns:
+        ``(out_channels, in_channels, kh, kw)`` bool tensor.
+    """
+    return _ordered_mask(
+        out_channels=out_channels,
+        in_channels=in_channels,
+        kernel_size=kernel_size,
+        color_groups=color_groups,
+        group_layout=group_layout,
+        include_own_group=False,
+    )
+
+
+def mask_b(
+    *,
+    out_channels: int,
+    in_channels: int,
+    kernel_size: tuple[int, int],
+    color_groups: int = 1,
+    group_layout: str = "blocked",
+) -> Tensor:
+    """Mask type B: output group g at pixel p sees input groups ``<= g`` at p.
+
+    Used by every layer after the first: its input at (p, g) already depends only on
+    what (p, g) may see, so passing it on keeps the model causal.
+
+    Returns:
+        ``(out_channels, in_channels, kh, kw)`` bool tensor.
+    """
+    return _ordered_mask(
+        out_channels=out_channels,
+        in_channels=in_channels,
+        kernel_size=kernel_size,
+        color_groups=color_groups,
+        group_layout=group_layout,
+        include_own_group=True,
+    )
+
+
+MASK_TYPES: dict[str, MaskFunction] = {"A": mask_a, "B": mask_b}
+
+
+def resolve_mask_type(mask_type: str | Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Map ``"A"``/``"B"`` to their mask functions; pass a callable through as-is."""
+    if isinstance(mask_type, str):
+        if mask_type not in MASK_TYPES:
+            raise ValueError(
+                f"mask_type must be one of {tuple(MASK_TYPES)} or a callable, "
+                f"but got {mask_type!r}"
+            )
+        return MASK_TYPES[mask_type]
+    if callable(mask_type):
+        return mask_type
+    raise TypeError(
+        f"mask_type must be one of {tuple(MASK_TYPES)} or a callable, "
+        f"but got {type(mask_type).__name__} {mask_type!r}"
+    )
+
+
+def make_mask(
+    mask_type: str | Callable[..., Tensor],
+    *,
+    out_channels: int,
+    in_channels: int,
+    kernel_size: tuple[int, int],
+    color_groups: int = 1,
+    group_layout: str = "blocked",
+) -> Tensor:
+    """Build and check a mask of shape ``(out_channels, in_channels, kh, kw)``.
+
+    Args:
+        mask_type: ``"A"``, ``"B"`` or a :class:`MaskFunction`.
+        out_channels: rows of the weight.
+        in_channels: columns of the weight (``in_channels // groups`` for a grouped conv).
+        kernel_size: ``(kh, kw)``.
+        color_groups: number of channel groups G.
+        group_layout: ``"blocked"`` or ``"interleaved"``.
+
+    Returns:
+        float32 tensor of zeros and ones.
+
+    Raises:
+        ValueError: if a callable returns the wrong shape or values other than 0 and 1.
+        TypeError: if a callable returns something other than a tensor.
+    """
+    fn = resolve_mask_type(mask_type)
+    mask = fn(
+        out_channels=out_channels,
+        in_channels=in_channels,
+        kernel_size=kernel_size,
+        color_groups=color_groups,
+        group_layout=group_layout,
+    )
+    if not isinstance(mask, Tensor):
+        raise TypeError(
+            f"mask_type callable must return a torch.Tensor, but got {type(mask).__name__}"
+        )
+    expected = (out_channels, in_channels, *kernel_size)
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"mask_type callable must return a mask of the weight's shape {expected}, "
+            f"but got {tuple(mask.shape)}"
+        )
+    if mask.is_complex():
+        raise ValueError("mask_type callable must return a real mask of 0s and 1s, but got a complex tensor")
+    mask = mask.detach().to(torch.float32)
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        value = mask[bad][0].item()
+        raise ValueError(
+            f"mask_type callable must return only 0s and 1s, but got the value {value}"
+        )
+    return mask

@@ -1,0 +1,224 @@
+"""Causality proofs: zero dependence on every input a sub-pixel must not see.
+
+A single layer must also depend on every tap its mask keeps (so a mask cannot be
+wrong by having extra zeros); whole PixelCNNs must depend on the previous pixel, the
+pixel above and the earlier groups at the same pixel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from maskedconv import MaskedConv2d, PixelCNN, allowed_dependencies, assert_causal
+
+
+def jacobian(fn, shape: tuple[int, ...]) -> torch.Tensor:
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return torch.autograd.functional.jacobian(fn, x)
+
+
+def expected_support(conv: MaskedConv2d, h: int, w: int, kind: str) -> torch.Tensor:
+    """Reference, written from DESIGN.md directly: (O, H, W, I, H, W) bool."""
+    o_c, i_c = conv.out_channels, conv.in_channels
+    g = conv.color_groups
+    kh, kw = conv.kernel_size
+    dil_h, dil_w = conv.dilation
+
+    def group(c: int, n: int) -> int:
+        return c // (n // g) if conv.group_layout == "blocked" else c % g
+
+    out = torch.zeros(o_c, h, w, i_c, h, w, dtype=torch.bool)
+    for o in range(o_c):
+        for i in range(i_c):
+            for r in range(h):
+                for c in range(w):
+                    for y in range(kh):
+                        for x in range(kw):
+                            dy, dx = y - kh // 2, x - kw // 2
+                            qr, qc = r + dy * dil_h, c + dx * dil_w
+                            if not (0 <= qr < h and 0 <= qc < w):
+                                continue
+                            if dy < 0 or (dy == 0 and dx < 0):
+                                ok = True
+                            elif dy == 0 and dx == 0:
+                                go, gi = group(o, o_c), group(i, i_c)
+                                ok = gi < go if kind == "A" else gi <= go
+                            else:
+                                ok = False
+                            out[o, r, c, i, qr, qc] |= ok
+    return out
+
+
+@given(
+    kind=st.sampled_from(["A", "B"]),
+    groups=st.integers(1, 4),
+    out_mult=st.integers(1, 2),
+    in_mult=st.integers(1, 2),
+    k=st.sampled_from([1, 3, 5, 7, (3, 5), (5, 3)]),
+    dilation=st.sampled_from([1, 2]),
+    layout=st.sampled_from(["blocked", "interleaved"]),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+)
+def test_conv_depends_exactly_on_allowed_taps(
+    kind: str, groups: int, out_mult: int, in_mult: int, k: object, dilation: int,
+    layout: str, h: int, w: int,
+) -> None:
+    conv = MaskedConv2d(
+        groups * in_mult, groups * out_mult, k, dilation=dilation, mask_type=kind,
+        color_groups=groups, group_layout=layout, dtype=torch.float64,
+    )
+    with torch.no_grad():  # every kept weight clearly non-zero, every masked one zero
+        conv.weight.copy_((torch.rand_like(conv.weight) + 0.5) * conv.mask)
+    assert_causal(conv, (1, conv.in_channels, h, w))
+    jac = jacobian(conv, (1, conv.in_channels, h, w))[0, :, :, :, 0]  # (O, H, W, I, H, W)
+    assert torch.equal(jac != 0, expected_support(conv, h, w, kind))
+
+
+@pytest.mark.parametrize("kind", ["A", "B"])
+def test_allowed_dependencies_matches_reference(kind: str) -> None:
+    conv = MaskedConv2d(6, 6, 9, mask_type=kind, color_groups=3)  # kernel covers the image
+    ref = expected_support(conv, 4, 4, kind)
+    ours = allowed_dependencies(6, 6, 4, 4, mask_type=kind, color_groups=3)
+    assert torch.equal(ours, ref)
+
+
+pixelcnn_configs = st.fixed_dictionaries(
+    {
+        "in_channels": st.sampled_from([1, 3]),
+        "levels": st.integers(2, 4),
+        "num_layers": st.integers(1, 4),
+        "kernel_size": st.sampled_from([3, 5]),
+        "grouped": st.booleans(),
+        "group_layout": st.sampled_from(["blocked", "interleaved"]),
+        "block": st.sampled_from(["residual", "bottleneck"]),
+        "size": st.integers(2, 6),
+    }
+)
+
+
+def build(cfg: dict) -> PixelCNN:
+    torch.manual_seed(0)
+    c = cfg["in_channels"]
+    return PixelCNN(
+        c, cfg["levels"], hidden_channels=6 * c, num_layers=cfg["num_layers"],
+        kernel_size=cfg["kernel_size"], color_groups=c if cfg["grouped"] else 1,
+        group_layout=cfg["group_layout"], block=cfg["block"],
+    )
+
+
+def check_pixelcnn(model: PixelCNN, size: int) -> None:
+    c = model.in_channels
+    assert_causal(model, (2, c, size, size))
+    # And it is not causal by being blind: it sees the pixel to the left, the pixel
+    # above, and the earlier groups at its own pixel.
+    m = _float64(model)
+    jac = jacobian(m.forward_scaled, (1, c, size, size))  # (1, C, K, H, W, 1, C, H, W)
+    dep = jac.abs().sum(dim=(0, 2, 5))  # (C, H, W, C, H, W)
+    last = size - 1
+    assert dep[:, last, last, :, last, last - 1].sum() > 0
+    assert dep[:, last, last, :, last - 1, last].sum() > 0
+    if model.color_groups > 1:
+        for later in range(1, c):
+            assert dep[later, last, last, :later, last, last].sum() > 0
+
+
+def _float64(model: PixelCNN) -> PixelCNN:
+    import copy
+
+    return copy.deepcopy(model).to(torch.float64)
+
+
+@given(cfg=pixelcnn_configs)
+def test_fresh_pixelcnn_is_causal(cfg: dict) -> None:
+    check_pixelcnn(build(cfg), cfg["size"])
+
+
+@given(cfg=pixelcnn_configs)
+def test_pixelcnn_is_causal_after_optimizer_steps(cfg: dict) -> None:
+    model = build(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    x = torch.randint(0, cfg["levels"], (4, cfg["in_channels"], cfg["size"], cfg["size"]),
+                      generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        opt.zero_grad()
+        (-model.log_prob(x).mean()).backward()
+        opt.step()
+    check_pixelcnn(model, cfg["size"])
+
+
+@given(cfg=pixelcnn_configs)
+def test_pixelcnn_is_causal_after_loading_non_causal_weights(cfg: dict) -> None:
+    model = build(cfg)
+    state = model.state_dict()
+    for name, value in state.items():
+        if name.endswith("weight") and value.dim() == 4:
+            state[name] = torch.randn_like(value)  # masked taps now non-zero
+    model.load_state_dict(state)
+    check_pixelcnn(model, cfg["size"])
+
+
+def test_detects_unmasked_conv() -> None:
+    with pytest.raises(AssertionError) as info:
+        assert_causal(nn.Conv2d(1, 1, 3, padding=1), (1, 1, 3, 3))
+    assert "output (image 0, channel 0 [group 0], row 0, col 0) depends on input " in str(info.value)
+    assert "input (image 0, channel 0 [group 0], row 0, col 0), which it must not see" in str(info.value)
+
+
+def test_detects_type_b_when_type_a_is_required() -> None:
+    conv = MaskedConv2d(3, 3, 3, mask_type="B", color_groups=3)
+    assert_causal(conv, (1, 3, 3, 3))  # checked as its own type, B
+    with pytest.raises(AssertionError, match=r"channel 0 \[group 0\], row 0, col 0\) depends on input \(image 0, channel 0 \[group 0\], row 0, col 0\)"):
+        assert_causal(conv, (1, 3, 3, 3), mask_type="A")
+
+
+def test_detects_wrong_rgb_order() -> None:
+    # B order reversed: output group 0 (R) sees group 2 (B) at the same pixel.
+    def reversed_b(*, out_channels, in_channels, kernel_size, color_groups, group_layout):
+        from maskedconv import mask_b
+
+        return mask_b(out_channels=out_channels, in_channels=in_channels,
+                      kernel_size=kernel_size, color_groups=color_groups,
+                      group_layout=group_layout).flip(0, 1)
+
+    conv = MaskedConv2d(3, 3, 1, mask_type=reversed_b, color_groups=3)
+    with pytest.raises(AssertionError, match=r"channel 0 \[group 0\].*depends on input \(image 0, channel 1 \[group 1\]"):
+        assert_causal(conv, (1, 3, 2, 2), mask_type="B")
+
+
+def test_detects_leak_across_the_batch() -> None:
+    class MixesImages(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = MaskedConv2d(1, 2, 3, mask_type="A")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.conv(x)
+            return h + h.roll(1, dims=0)  # causal within an image, but mixes images
+
+    net = MixesImages()
+    with pytest.raises(AssertionError, match=r"output \(image 0, .* depends on input \(image 1"):
+        assert_causal(net, (2, 1, 3, 3))
+
+
+def test_detects_leak_through_reflect_padding_of_a_user_layer() -> None:
+    class Leaky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = MaskedConv2d(1, 1, 3, mask_type="A")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+            return nn.functional.conv2d(padded, self.conv.weight * self.conv.mask)
+
+    with pytest.raises(AssertionError, match="depends on input"):
+        assert_causal(Leaky(), (1, 1, 4, 4))
+
+
+def test_bad_input_shape() -> None:
+    with pytest.raises(ValueError, match=r"input_shape must be \(B, C, H, W\) or \(C, H, W\), but got \(3, 3\)"):
+        assert_causal(MaskedConv2d(1, 1, 3), (3, 3))

@@ -1,0 +1,166 @@
+"""MaskedConv2d: smoke, shapes, exceptions, gradients, state, compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maskedconv import MaskedConv2d, make_mask, masked_conv2d
+
+
+def test_keeps_height_and_width() -> None:
+    for k, d in [(1, 1), (3, 1), (7, 1), (3, 2), ((3, 5), 1)]:
+        conv = MaskedConv2d(4, 6, k, dilation=d)
+        assert conv(torch.randn(2, 4, 9, 11)).shape == (2, 6, 9, 11)
+
+
+def test_is_a_conv2d_with_mask_buffer() -> None:
+    conv = MaskedConv2d(3, 6, 5, mask_type="A", color_groups=3)
+    assert isinstance(conv, nn.Conv2d)
+    assert conv.mask.shape == conv.weight.shape
+    assert "mask" in dict(conv.named_buffers())
+    assert set(conv.state_dict()) == {"weight", "bias"}
+
+
+def test_masked_weights_zero_from_construction() -> None:
+    conv = MaskedConv2d(6, 6, 7, color_groups=3)
+    assert torch.all(conv.weight[conv.mask == 0] == 0)
+    assert torch.all(conv.weight[conv.mask == 1] != 0)
+    conv.reset_parameters()
+    assert torch.all(conv.weight[conv.mask == 0] == 0)
+
+
+def test_forward_equals_conv_with_masked_weight() -> None:
+    conv = MaskedConv2d(6, 9, 5, mask_type="A", color_groups=3, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.normal_()  # masked taps non-zero too: forward must still ignore them
+    x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
+    ref = F.conv2d(x, conv.weight * conv.mask, conv.bias, padding=2)
+    torch.testing.assert_close(conv(x), ref, rtol=0, atol=1e-12)
+
+
+def test_gradient_is_exactly_zero_at_masked_taps() -> None:
+    conv = MaskedConv2d(6, 6, 7, mask_type="B", color_groups=3)
+    conv(torch.randn(3, 6, 10, 10)).square().sum().backward()
+    assert conv.weight.grad is not None
+    assert torch.all(conv.weight.grad[conv.mask == 0] == 0)
+    assert torch.count_nonzero(conv.weight.grad[conv.mask == 1]) > 0
+
+
+def test_optimizer_steps_keep_masked_weights_zero() -> None:
+    conv = MaskedConv2d(3, 6, 5, mask_type="A", color_groups=3)
+    opt = torch.optim.AdamW(conv.parameters(), lr=0.1, weight_decay=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        conv(torch.randn(2, 3, 6, 6)).sum().backward()
+        opt.step()
+    assert torch.all(conv.state_dict()["weight"][conv.mask == 0] == 0)
+
+
+def test_state_dict_round_trip_and_plain_conv_compatibility() -> None:
+    conv = MaskedConv2d(4, 8, 3)
+    plain = nn.Conv2d(4, 8, 3, padding=1)
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(1, 4, 5, 5)
+    torch.testing.assert_close(plain(x), conv(x))
+    other = MaskedConv2d(4, 8, 3)
+    other.load_state_dict(conv.state_dict())
+    torch.testing.assert_close(other(x), conv(x))
+
+
+def test_to_dtype_moves_mask() -> None:
+    conv = MaskedConv2d(2, 2, 3).to(torch.float64)
+    assert conv.mask.dtype == torch.float64
+    assert conv(torch.randn(1, 2, 4, 4, dtype=torch.float64)).dtype == torch.float64
+    conv = MaskedConv2d(2, 2, 3, dtype=torch.float16)
+    assert conv.mask.dtype == torch.float16
+
+
+def test_gradcheck_float64() -> None:
+    conv = MaskedConv2d(3, 3, 3, mask_type="B", color_groups=3, dtype=torch.float64)
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: masked_conv2d(x, w, conv.mask, b, 1), (x, conv.weight, conv.bias)
+    )
+
+
+def test_compile_fullgraph_equals_eager() -> None:
+    conv = MaskedConv2d(3, 6, 5, mask_type="A", color_groups=3)
+    compiled = torch.compile(conv, backend="eager", fullgraph=True)
+    x = torch.randn(2, 3, 7, 7)
+    torch.testing.assert_close(compiled(x), conv(x))
+
+
+def test_callable_mask_is_used_as_is() -> None:
+    def centre_only(*, out_channels, in_channels, kernel_size, color_groups, group_layout):
+        m = torch.zeros(out_channels, in_channels, *kernel_size, dtype=torch.bool)
+        m[:, :, kernel_size[0] // 2, kernel_size[1] // 2] = True
+        return m
+
+    conv = MaskedConv2d(2, 2, 3, mask_type=centre_only)
+    assert conv.mask.sum() == 4
+    assert "mask_type=centre_only" in repr(conv)
+
+
+def test_extra_repr() -> None:
+    r = repr(MaskedConv2d(6, 12, 7, mask_type="A", color_groups=3, group_layout="interleaved"))
+    assert "mask_type=A" in r and "color_groups=3" in r and "group_layout=interleaved" in r
+
+
+def test_grouped_conv_allowed_with_one_colour_group() -> None:
+    conv = MaskedConv2d(4, 4, 3, groups=4)
+    assert conv.mask.shape == (4, 1, 3, 3)
+    assert conv(torch.randn(1, 4, 5, 5)).shape == (1, 4, 5, 5)
+
+
+def _wrong_shape(**kw):
+    return torch.ones(1, 1, 1, 1)
+
+
+def _not_binary(*, out_channels, in_channels, kernel_size, **kw):
+    return torch.full((out_channels, in_channels, *kernel_size), 0.5)
+
+
+def _not_tensor(**kw):
+    return [[1]]
+
+
+# Each message is given as literal fragments that must all appear in the error.
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragments"),
+    [
+        (dict(mask_type="C"), ValueError, ["mask_type must be one of ('A', 'B') or a callable, but got 'C'"]),
+        (dict(mask_type=3), TypeError, ["mask_type must be one of ('A', 'B') or a callable, but got int 3"]),
+        (dict(kernel_size=4), ValueError, ["kernel_size must be odd so that the kernel has a centre tap, but got 4"]),
+        (dict(kernel_size=(3, 4)), ValueError, ["kernel_size must be odd", "but got (3, 4)"]),
+        (dict(out_channels=64, color_groups=3), ValueError,
+         ["out_channels must be divisible by color_groups=3 so that every colour group gets the "
+          "same number of channels, but got 64; nearest valid values: 63 or 66"]),
+        (dict(in_channels=2, color_groups=3), ValueError,
+         ["in_channels must be divisible by color_groups=3", "but got 2; nearest valid values: 3"]),
+        (dict(stride=2), ValueError, ["stride must be 1: a strided masked conv cannot emit every pixel, but got 2"]),
+        (dict(padding=0), ValueError, ["padding must be None, 'same' or (1, 1)", "but got 0"]),
+        (dict(padding="valid"), ValueError, ["padding must be None, 'same' or (1, 1)", "but got 'valid'"]),
+        (dict(padding_mode="reflect"), ValueError, ["padding_mode must be 'zeros': 'reflect' padding copies pixels"]),
+        (dict(padding_mode="circular"), ValueError, ["padding_mode must be 'zeros': 'circular'"]),
+        (dict(groups=3, color_groups=3), ValueError,
+         ["groups must be 1 when color_groups > 1", "but got groups=3 with color_groups=3"]),
+        (dict(group_layout="striped"), ValueError,
+         ["group_layout must be one of ('blocked', 'interleaved'), but got 'striped'"]),
+        (dict(color_groups=0), ValueError, ["color_groups must be a positive int, but got 0"]),
+        (dict(in_channels=0), ValueError, ["in_channels must be a positive int, but got 0"]),
+        (dict(mask_type=_wrong_shape), ValueError,
+         ["must return a mask of the weight's shape (3, 3, 3, 3), but got (1, 1, 1, 1)"]),
+        (dict(mask_type=_not_binary), ValueError, ["must return only 0s and 1s, but got the value 0.5"]),
+        (dict(mask_type=_not_tensor), TypeError, ["must return a torch.Tensor, but got list"]),
+    ],
+)
+def test_errors(kwargs: dict, error: type[Exception], fragments: list[str]) -> None:
+    args = dict(in_channels=3, out_channels=3, kernel_size=3)
+    args.update(kwargs)
+    with pytest.raises(error) as info:
+        MaskedConv2d(**args)
+    for fragment in fragments:
+        assert fragment in str(info.value)
