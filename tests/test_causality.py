@@ -65,12 +65,25 @@ def expected_support(conv: MaskedConv2d, h: int, w: int, kind: str) -> torch.Ten
     w=st.integers(1, 9),
 )
 def test_conv_depends_exactly_on_allowed_taps(
-    kind: str, groups: int, out_mult: int, in_mult: int, k: object, dilation: int,
-    layout: str, h: int, w: int,
+    kind: str,
+    groups: int,
+    out_mult: int,
+    in_mult: int,
+    k: object,
+    dilation: int,
+    layout: str,
+    h: int,
+    w: int,
 ) -> None:
     conv = MaskedConv2d(
-        groups * in_mult, groups * out_mult, k, dilation=dilation, mask_type=kind,
-        color_groups=groups, group_layout=layout, dtype=torch.float64,
+        groups * in_mult,
+        groups * out_mult,
+        k,
+        dilation=dilation,
+        mask_type=kind,
+        color_groups=groups,
+        group_layout=layout,
+        dtype=torch.float64,
     )
     with torch.no_grad():  # every kept weight clearly non-zero, every masked one zero
         conv.weight.copy_((torch.rand_like(conv.weight) + 0.5) * conv.mask)
@@ -105,9 +118,14 @@ def build(cfg: dict) -> PixelCNN:
     torch.manual_seed(0)
     c = cfg["in_channels"]
     return PixelCNN(
-        c, cfg["levels"], hidden_channels=6 * c, num_layers=cfg["num_layers"],
-        kernel_size=cfg["kernel_size"], color_groups=c if cfg["grouped"] else 1,
-        group_layout=cfg["group_layout"], block=cfg["block"],
+        c,
+        cfg["levels"],
+        hidden_channels=6 * c,
+        num_layers=cfg["num_layers"],
+        kernel_size=cfg["kernel_size"],
+        color_groups=c if cfg["grouped"] else 1,
+        group_layout=cfg["group_layout"],
+        block=cfg["block"],
     )
 
 
@@ -142,8 +160,12 @@ def test_fresh_pixelcnn_is_causal(cfg: dict) -> None:
 def test_pixelcnn_is_causal_after_optimizer_steps(cfg: dict) -> None:
     model = build(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    x = torch.randint(0, cfg["levels"], (4, cfg["in_channels"], cfg["size"], cfg["size"]),
-                      generator=torch.Generator().manual_seed(1))
+    x = torch.randint(
+        0,
+        cfg["levels"],
+        (4, cfg["in_channels"], cfg["size"], cfg["size"]),
+        generator=torch.Generator().manual_seed(1),
+    )
     for _ in range(3):
         opt.zero_grad()
         (-model.log_prob(x).mean()).backward()
@@ -165,14 +187,21 @@ def test_pixelcnn_is_causal_after_loading_non_causal_weights(cfg: dict) -> None:
 def test_detects_unmasked_conv() -> None:
     with pytest.raises(AssertionError) as info:
         assert_causal(nn.Conv2d(1, 1, 3, padding=1), (1, 1, 3, 3))
-    assert "output (image 0, channel 0 [group 0], row 0, col 0) depends on input " in str(info.value)
-    assert "input (image 0, channel 0 [group 0], row 0, col 0), which it must not see" in str(info.value)
+    assert "output (image 0, channel 0 [group 0], row 0, col 0) depends on input " in str(
+        info.value
+    )
+    assert "input (image 0, channel 0 [group 0], row 0, col 0), which it must not see" in str(
+        info.value
+    )
 
 
 def test_detects_type_b_when_type_a_is_required() -> None:
     conv = MaskedConv2d(3, 3, 3, mask_type="B", color_groups=3)
     assert_causal(conv, (1, 3, 3, 3))  # checked as its own type, B
-    with pytest.raises(AssertionError, match=r"channel 0 \[group 0\], row 0, col 0\) depends on input \(image 0, channel 0 \[group 0\], row 0, col 0\)"):
+    with pytest.raises(
+        AssertionError,
+        match=r"channel 0 \[group 0\], row 0, col 0\) depends on input \(image 0, channel 0 \[group 0\], row 0, col 0\)",
+    ):
         assert_causal(conv, (1, 3, 3, 3), mask_type="A")
 
 
@@ -181,12 +210,19 @@ def test_detects_wrong_rgb_order() -> None:
     def reversed_b(*, out_channels, in_channels, kernel_size, color_groups, group_layout):
         from maskedconv import mask_b
 
-        return mask_b(out_channels=out_channels, in_channels=in_channels,
-                      kernel_size=kernel_size, color_groups=color_groups,
-                      group_layout=group_layout).flip(0, 1)
+        return mask_b(
+            out_channels=out_channels,
+            in_channels=in_channels,
+            kernel_size=kernel_size,
+            color_groups=color_groups,
+            group_layout=group_layout,
+        ).flip(0, 1)
 
     conv = MaskedConv2d(3, 3, 1, mask_type=reversed_b, color_groups=3)
-    with pytest.raises(AssertionError, match=r"channel 0 \[group 0\].*depends on input \(image 0, channel 1 \[group 1\]"):
+    with pytest.raises(
+        AssertionError,
+        match=r"channel 0 \[group 0\].*depends on input \(image 0, channel 1 \[group 1\]",
+    ):
         assert_causal(conv, (1, 3, 2, 2), mask_type="B")
 
 
@@ -220,5 +256,7 @@ def test_detects_leak_through_reflect_padding_of_a_user_layer() -> None:
 
 
 def test_bad_input_shape() -> None:
-    with pytest.raises(ValueError, match=r"input_shape must be \(B, C, H, W\) or \(C, H, W\), but got \(3, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"input_shape must be \(B, C, H, W\) or \(C, H, W\), but got \(3, 3\)"
+    ):
         assert_causal(MaskedConv2d(1, 1, 3), (3, 3))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskedconv import MaskedConv2d, make_mask, masked_conv2d
+from maskedconv import MaskedConv2d, masked_conv2d
 
 
 def test_keeps_height_and_width() -> None:
@@ -131,29 +131,77 @@ def _not_tensor(**kw):
 @pytest.mark.parametrize(
     ("kwargs", "error", "fragments"),
     [
-        (dict(mask_type="C"), ValueError, ["mask_type must be one of ('A', 'B') or a callable, but got 'C'"]),
-        (dict(mask_type=3), TypeError, ["mask_type must be one of ('A', 'B') or a callable, but got int 3"]),
-        (dict(kernel_size=4), ValueError, ["kernel_size must be odd so that the kernel has a centre tap, but got 4"]),
+        (
+            dict(mask_type="C"),
+            ValueError,
+            ["mask_type must be one of ('A', 'B') or a callable, but got 'C'"],
+        ),
+        (
+            dict(mask_type=3),
+            TypeError,
+            ["mask_type must be one of ('A', 'B') or a callable, but got int 3"],
+        ),
+        (
+            dict(kernel_size=4),
+            ValueError,
+            ["kernel_size must be odd so that the kernel has a centre tap, but got 4"],
+        ),
         (dict(kernel_size=(3, 4)), ValueError, ["kernel_size must be odd", "but got (3, 4)"]),
-        (dict(out_channels=64, color_groups=3), ValueError,
-         ["out_channels must be divisible by color_groups=3 so that every colour group gets the "
-          "same number of channels, but got 64; nearest valid values: 63 or 66"]),
-        (dict(in_channels=2, color_groups=3), ValueError,
-         ["in_channels must be divisible by color_groups=3", "but got 2; nearest valid values: 3"]),
-        (dict(stride=2), ValueError, ["stride must be 1: a strided masked conv cannot emit every pixel, but got 2"]),
+        (
+            dict(out_channels=64, color_groups=3),
+            ValueError,
+            [
+                "out_channels must be divisible by color_groups=3 so that every colour group gets the "
+                "same number of channels, but got 64; nearest valid values: 63 or 66"
+            ],
+        ),
+        (
+            dict(in_channels=2, color_groups=3),
+            ValueError,
+            [
+                "in_channels must be divisible by color_groups=3",
+                "but got 2; nearest valid values: 3",
+            ],
+        ),
+        (
+            dict(stride=2),
+            ValueError,
+            ["stride must be 1: a strided masked conv cannot emit every pixel, but got 2"],
+        ),
         (dict(padding=0), ValueError, ["padding must be None, 'same' or (1, 1)", "but got 0"]),
-        (dict(padding="valid"), ValueError, ["padding must be None, 'same' or (1, 1)", "but got 'valid'"]),
-        (dict(padding_mode="reflect"), ValueError, ["padding_mode must be 'zeros': 'reflect' padding copies pixels"]),
+        (
+            dict(padding="valid"),
+            ValueError,
+            ["padding must be None, 'same' or (1, 1)", "but got 'valid'"],
+        ),
+        (
+            dict(padding_mode="reflect"),
+            ValueError,
+            ["padding_mode must be 'zeros': 'reflect' padding copies pixels"],
+        ),
         (dict(padding_mode="circular"), ValueError, ["padding_mode must be 'zeros': 'circular'"]),
-        (dict(groups=3, color_groups=3), ValueError,
-         ["groups must be 1 when color_groups > 1", "but got groups=3 with color_groups=3"]),
-        (dict(group_layout="striped"), ValueError,
-         ["group_layout must be one of ('blocked', 'interleaved'), but got 'striped'"]),
+        (
+            dict(groups=3, color_groups=3),
+            ValueError,
+            ["groups must be 1 when color_groups > 1", "but got groups=3 with color_groups=3"],
+        ),
+        (
+            dict(group_layout="striped"),
+            ValueError,
+            ["group_layout must be one of ('blocked', 'interleaved'), but got 'striped'"],
+        ),
         (dict(color_groups=0), ValueError, ["color_groups must be a positive int, but got 0"]),
         (dict(in_channels=0), ValueError, ["in_channels must be a positive int, but got 0"]),
-        (dict(mask_type=_wrong_shape), ValueError,
-         ["must return a mask of the weight's shape (3, 3, 3, 3), but got (1, 1, 1, 1)"]),
-        (dict(mask_type=_not_binary), ValueError, ["must return only 0s and 1s, but got the value 0.5"]),
+        (
+            dict(mask_type=_wrong_shape),
+            ValueError,
+            ["must return a mask of the weight's shape (3, 3, 3, 3), but got (1, 1, 1, 1)"],
+        ),
+        (
+            dict(mask_type=_not_binary),
+            ValueError,
+            ["must return only 0s and 1s, but got the value 0.5"],
+        ),
         (dict(mask_type=_not_tensor), TypeError, ["must return a torch.Tensor, but got list"]),
     ],
 )

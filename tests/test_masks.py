@@ -45,9 +45,7 @@ def test_single_channel_equals_blog(kind: str, k: int, out_c: int, in_c: int) ->
 @pytest.mark.parametrize("k", [1, 3, 7])
 @pytest.mark.parametrize(("out_c", "in_c"), [(3, 3), (120, 3), (120, 120), (12, 120), (6, 9)])
 def test_rgb_blocked_equals_blog(kind: str, k: int, out_c: int, in_c: int) -> None:
-    ours = make_mask(
-        kind, out_channels=out_c, in_channels=in_c, kernel_size=(k, k), color_groups=3
-    )
+    ours = make_mask(kind, out_channels=out_c, in_channels=in_c, kernel_size=(k, k), color_groups=3)
     assert torch.equal(ours, blog_rgb(kind, out_c, in_c, k))
 
 
@@ -81,8 +79,13 @@ def test_rectangular_kernel() -> None:
 def test_interleaved_groups() -> None:
     assert channel_groups(6, 3, "interleaved").tolist() == [0, 1, 2, 0, 1, 2]
     assert channel_groups(6, 3, "blocked").tolist() == [0, 0, 1, 1, 2, 2]
-    m = mask_b(out_channels=6, in_channels=6, kernel_size=(3, 3), color_groups=3,
-               group_layout="interleaved")
+    m = mask_b(
+        out_channels=6,
+        in_channels=6,
+        kernel_size=(3, 3),
+        color_groups=3,
+        group_layout="interleaved",
+    )
     centre = m[:, :, 1, 1].int()
     # out channel o (group o % 3) sees in channel i (group i % 3) iff i % 3 <= o % 3
     expected = torch.tensor([[int(i % 3 <= o % 3) for i in range(6)] for o in range(6)])
@@ -103,8 +106,13 @@ def test_mask_matches_definition(
 ) -> None:
     out_c, in_c = groups * out_mult, groups * in_mult
     fn = mask_a if kind == "A" else mask_b
-    m = fn(out_channels=out_c, in_channels=in_c, kernel_size=(kh, kw), color_groups=groups,
-           group_layout=layout)
+    m = fn(
+        out_channels=out_c,
+        in_channels=in_c,
+        kernel_size=(kh, kw),
+        color_groups=groups,
+        group_layout=layout,
+    )
     for o in range(out_c):
         go = o // out_mult if layout == "blocked" else o % groups
         for i in range(in_c):

@@ -46,7 +46,10 @@ def test_group_layer_norm_normalises_each_group_separately() -> None:
     norm = GroupLayerNorm(6, color_groups=3, eps=1e-12).double()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 6, 4, 4, dtype=torch.float64, generator=g) * 5 + 3
-    zeros, ones = torch.zeros(2, 3, 4, 4, dtype=torch.float64), torch.ones(2, 3, 4, 4, dtype=torch.float64)
+    zeros, ones = (
+        torch.zeros(2, 3, 4, 4, dtype=torch.float64),
+        torch.ones(2, 3, 4, 4, dtype=torch.float64),
+    )
     y = norm(x).view(2, 3, 2, 4, 4)  # (B, G, C/G, H, W)
     torch.testing.assert_close(y.mean(2), zeros, atol=1e-12, rtol=0)
     torch.testing.assert_close(y.var(2, unbiased=False), ones, atol=1e-6, rtol=0)
@@ -100,8 +103,9 @@ def test_normalised_over_all_binary_3x3_images(block: str) -> None:
 @pytest.mark.parametrize("layout", ["blocked", "interleaved"])
 def test_normalised_grouped_rgb_over_all_binary_2x2_images(layout: str) -> None:
     torch.manual_seed(0)
-    model = PixelCNN(3, 2, hidden_channels=6, num_layers=2, kernel_size=3,
-                     group_layout=layout).double()
+    model = PixelCNN(
+        3, 2, hidden_channels=6, num_layers=2, kernel_size=3, group_layout=layout
+    ).double()
     probs = model.log_prob(all_images(3, 2, 2)).exp()
     assert probs.shape == (4096,)
     assert abs(probs.sum().item() - 1) < 1e-9
@@ -163,11 +167,27 @@ def test_compile_fullgraph_equals_eager() -> None:
 @pytest.mark.parametrize(
     ("x", "error", "message"),
     [
-        (torch.rand(1, 1, 4, 4), TypeError, "x must be an integer image tensor with values in [0, 2), but got dtype torch.float32"),
+        (
+            torch.rand(1, 1, 4, 4),
+            TypeError,
+            "x must be an integer image tensor with values in [0, 2), but got dtype torch.float32",
+        ),
         (torch.ones(1, 1, 4, 4, dtype=torch.bool), TypeError, "but got dtype torch.bool"),
-        (torch.zeros(1, 3, 4, 4, dtype=torch.long), ValueError, "x must have shape (B, 1, H, W), but got (1, 3, 4, 4)"),
-        (torch.zeros(1, 4, 4, dtype=torch.long), ValueError, "x must have shape (B, 1, H, W), but got (1, 4, 4)"),
-        (torch.full((1, 1, 2, 2), 2), ValueError, "x must have values in [0, 2) (levels=2), but got values in [2, 2]"),
+        (
+            torch.zeros(1, 3, 4, 4, dtype=torch.long),
+            ValueError,
+            "x must have shape (B, 1, H, W), but got (1, 3, 4, 4)",
+        ),
+        (
+            torch.zeros(1, 4, 4, dtype=torch.long),
+            ValueError,
+            "x must have shape (B, 1, H, W), but got (1, 4, 4)",
+        ),
+        (
+            torch.full((1, 1, 2, 2), 2),
+            ValueError,
+            "x must have values in [0, 2) (levels=2), but got values in [2, 2]",
+        ),
         (torch.full((1, 1, 2, 2), -1), ValueError, "but got values in [-1, -1]"),
     ],
 )
@@ -184,12 +204,24 @@ def test_input_errors(x: torch.Tensor, error: type[Exception], message: str) -> 
         (dict(levels=1), "levels must be an int >= 2, but got 1"),
         (dict(in_channels=0), "in_channels must be an int >= 1, but got 0"),
         (dict(num_layers=0), "num_layers must be an int >= 1, but got 0"),
-        (dict(kernel_size=4), "kernel_size must be odd so that the kernel has a centre tap, but got 4"),
+        (
+            dict(kernel_size=4),
+            "kernel_size must be odd so that the kernel has a centre tap, but got 4",
+        ),
         (dict(in_channels=3, color_groups=2), "color_groups must divide in_channels=3, but got 2"),
-        (dict(in_channels=3, hidden_channels=64), "hidden_channels must be divisible by color_groups=3 so that every colour group gets the same number of channels, but got 64; nearest valid values: 63 or 66"),
-        (dict(in_channels=3, hidden_channels=63, block="bottleneck"), "hidden_channels must be divisible by 2 * color_groups = 6 (the bottleneck block halves it)"),
+        (
+            dict(in_channels=3, hidden_channels=64),
+            "hidden_channels must be divisible by color_groups=3 so that every colour group gets the same number of channels, but got 64; nearest valid values: 63 or 66",
+        ),
+        (
+            dict(in_channels=3, hidden_channels=63, block="bottleneck"),
+            "hidden_channels must be divisible by 2 * color_groups = 6 (the bottleneck block halves it)",
+        ),
         (dict(block="gated"), "block must be one of ('residual', 'bottleneck'), but got 'gated'"),
-        (dict(group_layout="x"), "group_layout must be one of ('blocked', 'interleaved'), but got 'x'"),
+        (
+            dict(group_layout="x"),
+            "group_layout must be one of ('blocked', 'interleaved'), but got 'x'",
+        ),
     ],
 )
 def test_config_errors(kwargs: dict, message: str) -> None:

@@ -50,7 +50,8 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W) -> (B, C, H, W)``; the skip is added here, once."""
-        return x + self.body(x)
+        out: Tensor = x + self.body(x)
+        return out
 
 
 class GroupLayerNorm(nn.Module):
@@ -150,4 +151,5 @@ class BottleneckBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W) -> (B, C, H, W)``; the skip is added here, once."""
-        return x + self.body(x)
+        out: Tensor = x + self.body(x)
+        return out

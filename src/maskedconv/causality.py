@@ -6,7 +6,8 @@ Depends on nothing but torch, so it can check any stack of layers, ours or not.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +20,8 @@ def _groups(channels: int, color_groups: int, group_layout: str) -> Tensor:
     # trust the code it checks.
     if channels % color_groups:
         raise ValueError(
-            f"color_groups={color_groups} must divide the channel count, but got {channels} channels"
+            f"color_groups={color_groups} must divide the channel count, "
+            f"but got {channels} channels"
         )
     index = torch.arange(channels)
     if group_layout == "blocked":
@@ -110,7 +112,9 @@ def assert_causal(
     if len(shape) == 3:
         shape = (1, *shape)
     if len(shape) != 4:
-        raise ValueError(f"input_shape must be (B, C, H, W) or (C, H, W), but got {tuple(input_shape)}")
+        raise ValueError(
+            f"input_shape must be (B, C, H, W) or (C, H, W), but got {tuple(input_shape)}"
+        )
     batch, in_channels, height, width = shape
 
     fn: Callable[[Tensor], Tensor]
@@ -129,7 +133,9 @@ def assert_causal(
         )
     out_channels = out.shape[1]
     extra = out.shape[2:-2]
-    jac = torch.autograd.functional.jacobian(fn, x, vectorize=True)  # out.shape + x.shape
+    jac: Tensor = torch.autograd.functional.jacobian(  # type: ignore[no-untyped-call]
+        fn, x, vectorize=True
+    )  # out.shape + x.shape
     # (B, C_out, *extra, H, W, B, C_in, H, W) -> (C_out, extra..., H, W, B, B, C_in, H, W)
     jac = jac.reshape(batch, out_channels, -1, height, width, batch, in_channels, height, width)
     jac = jac.permute(1, 2, 3, 4, 0, 5, 6, 7, 8)
@@ -156,8 +162,7 @@ def assert_causal(
     in_groups = _groups(in_channels, color_groups, group_layout)
     hits = torch.nonzero(bad)
     keys = [
-        (int(r), int(c), int(out_groups[o]), int(o), int(e))
-        for o, e, r, c in hits[:, :4].tolist()
+        (int(r), int(c), int(out_groups[o]), int(o), int(e)) for o, e, r, c in hits[:, :4].tolist()
     ]
     first = hits[min(range(len(keys)), key=keys.__getitem__)].tolist()
     o, e, r, c, b_out, b_in, i, qr, qc = first

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any, TypeAlias, cast
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from .masks import check_group_layout, group_split_error, make_mask, resolve_mas
 
 __all__ = ["MaskedConv2d", "masked_conv2d"]
 
-_Size2 = Union[int, tuple[int, int]]
+_Size2: TypeAlias = "int | tuple[int, int]"
 
 
 def masked_conv2d(
@@ -121,7 +122,8 @@ class MaskedConv2d(nn.Conv2d):
                 raise ValueError(f"{name} must be a positive int, but got {value!r}")
         if any(k % 2 == 0 or k < 1 for k in kernel):
             raise ValueError(
-                f"kernel_size must be odd so that the kernel has a centre tap, but got {kernel_size}"
+                "kernel_size must be odd so that the kernel has a centre tap, "
+                f"but got {kernel_size}"
             )
         if _pair(stride) != (1, 1):
             raise ValueError(
@@ -200,15 +202,20 @@ class MaskedConv2d(nn.Conv2d):
         Returns:
             ``(B, out_channels, H, W)``.
         """
+        padding = cast("tuple[int, int]", self.padding)  # always explicit, set in __init__
+        dilation = cast("tuple[int, int]", self.dilation)
         return masked_conv2d(
-            input, self.weight, self.mask, self.bias, self.padding, self.dilation, self.groups
+            input, self.weight, self.mask, self.bias, padding, dilation, self.groups
         )
 
     def extra_repr(self) -> str:
-        kind = self.mask_type if isinstance(self.mask_type, str) else getattr(
-            self.mask_type, "__name__", type(self.mask_type).__name__
+        kind = (
+            self.mask_type
+            if isinstance(self.mask_type, str)
+            else getattr(self.mask_type, "__name__", type(self.mask_type).__name__)
         )
+        base = super().extra_repr()  # type: ignore[no-untyped-call]
         return (
-            f"{super().extra_repr()}, mask_type={kind}, color_groups={self.color_groups}, "
+            f"{base}, mask_type={kind}, color_groups={self.color_groups}, "
             f"group_layout={self.group_layout}"
         )

@@ -25,7 +25,8 @@ Everything here is a pure function returning a new tensor.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -68,9 +69,7 @@ class MaskFunction(Protocol):
 def check_group_layout(group_layout: object) -> str:
     """Return ``group_layout`` if it names a known layout, else raise ``ValueError``."""
     if group_layout not in GROUP_LAYOUTS:
-        raise ValueError(
-            f"group_layout must be one of {GROUP_LAYOUTS}, but got {group_layout!r}"
-        )
+        raise ValueError(f"group_layout must be one of {GROUP_LAYOUTS}, but got {group_layout!r}")
     return str(group_layout)
 
 
@@ -149,9 +148,11 @@ def _ordered_mask(
     else:
         center = out_groups[:, None] > in_groups[None, :]
     kh, kw = kernel_size
-    mask = spatial_mask(kernel_size, include_center=False).expand(
-        out_channels, in_channels, kh, kw
-    ).clone()
+    mask = (
+        spatial_mask(kernel_size, include_center=False)
+        .expand(out_channels, in_channels, kh, kw)
+        .clone()
+    )
     mask[:, :, kh // 2, kw // 2] = center
     return mask
 
@@ -216,8 +217,7 @@ def resolve_mask_type(mask_type: str | Callable[..., Tensor]) -> Callable[..., T
     if isinstance(mask_type, str):
         if mask_type not in MASK_TYPES:
             raise ValueError(
-                f"mask_type must be one of {tuple(MASK_TYPES)} or a callable, "
-                f"but got {mask_type!r}"
+                f"mask_type must be one of {tuple(MASK_TYPES)} or a callable, but got {mask_type!r}"
             )
         return MASK_TYPES[mask_type]
     if callable(mask_type):
@@ -273,7 +273,9 @@ def make_mask(
             f"but got {tuple(mask.shape)}"
         )
     if mask.is_complex():
-        raise ValueError("mask_type callable must return a real mask of 0s and 1s, but got a complex tensor")
+        raise ValueError(
+            "mask_type callable must return a real mask of 0s and 1s, but got a complex tensor"
+        )
     mask = mask.detach().to(torch.float32)
     bad = (mask != 0) & (mask != 1)
     if bool(bad.any()):

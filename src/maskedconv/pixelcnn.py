@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,8 @@ class PixelCNNConfig:
         _positive_int("kernel_size", self.kernel_size)
         if self.kernel_size % 2 == 0:
             raise ValueError(
-                f"kernel_size must be odd so that the kernel has a centre tap, but got {self.kernel_size}"
+                "kernel_size must be odd so that the kernel has a centre tap, "
+                f"but got {self.kernel_size}"
             )
         groups = self.groups
         _positive_int("color_groups", groups)
@@ -199,7 +201,7 @@ class PixelCNN(nn.Module):
 
     def scale(self, x: Tensor) -> Tensor:
         """Map integer levels ``[0, K)`` to floats in ``[-1, 1]``, in the model's dtype."""
-        dtype = self.net[0].weight.dtype
+        dtype = next(self.parameters()).dtype
         return x.to(dtype) * (2.0 / (self.levels - 1)) - 1.0
 
     def forward_scaled(self, h: Tensor) -> Tensor:
@@ -214,7 +216,7 @@ class PixelCNN(nn.Module):
             ``(B, C, K, H, W)`` logits.
         """
         b, c, height, width = h.shape
-        out = self.net(h)  # (B, K*C, H, W)
+        out: Tensor = self.net(h)  # (B, K*C, H, W)
         if self.group_layout == "blocked":
             return out.view(b, c, self.levels, height, width)
         # interleaved: out channel k*C + c belongs to channel c's group (c mod G)
@@ -302,6 +304,8 @@ def nll_per_dim(
         raise ValueError(f"unit must be 'nats' or 'bits', but got {unit!r}")
     dims = list(image_shape)[-3:]
     if len(dims) != 3:
-        raise ValueError(f"image_shape must be (C, H, W) or (B, C, H, W), but got {tuple(image_shape)}")
+        raise ValueError(
+            f"image_shape must be (C, H, W) or (B, C, H, W), but got {tuple(image_shape)}"
+        )
     per_dim = -log_prob / math.prod(dims)
     return per_dim / math.log(2) if unit == "bits" else per_dim

@@ -14,7 +14,7 @@ The sampler works with any model that follows this protocol:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -25,10 +25,10 @@ __all__ = ["sample"]
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for param in model.parameters():
+        return param.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
@@ -140,10 +140,14 @@ def sample(
     members = [torch.nonzero(of_group == g).flatten().tolist() for g in range(groups)]
     crop = bool(getattr(model, "causal_rows", False))
 
+    levels = getattr(model, "levels", None)
+    if isinstance(levels, int):
+        _check_known_values(images, known, levels)
+    checked_known = isinstance(levels, int)
+
     was_training = model.training
     model.eval()
     try:
-        checked_known = False
         for row in range(height):
             visible = images[:, :, : row + 1] if crop else images
             for col in range(width):

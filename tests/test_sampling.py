@@ -1,0 +1,231 @@
+"""The sampler against the likelihood, seeding, completion, protocol and errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from maskedconv import PixelCNN, sample
+
+
+def peaked_model(c: int, levels: int = 2, seed: int = 0, **kwargs) -> PixelCNN:
+    torch.manual_seed(seed)
+    model = PixelCNN(c, levels, hidden_channels=6 * c, num_layers=2, kernel_size=3, **kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.5)  # far from uniform, so a wrong sampler shows
+    return model.double()
+
+
+def all_images(c: int, h: int, w: int, levels: int = 2) -> torch.Tensor:
+    return torch.tensor(list(itertools.product(range(levels), repeat=c * h * w))).view(-1, c, h, w)
+
+
+def chi_square_bound(df: int, z: float = 3.09) -> float:
+    # Wilson-Hilferty: the 0.999 quantile of chi-square with df degrees of freedom.
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def index_of(images: torch.Tensor, levels: int = 2) -> torch.Tensor:
+    flat = images.flatten(1)
+    weights = levels ** torch.arange(flat.shape[1] - 1, -1, -1)
+    return (flat * weights).sum(1)
+
+
+def assert_matches(samples: torch.Tensor, probs: torch.Tensor) -> None:
+    counts = torch.bincount(index_of(samples), minlength=probs.numel()).double()
+    expected = probs * samples.shape[0]
+    stat = ((counts - expected) ** 2 / expected).sum().item()
+    assert stat < chi_square_bound(probs.numel() - 1), stat
+
+
+@pytest.mark.parametrize(("c", "h", "w"), [(1, 2, 2), (3, 1, 2)])
+def test_samples_follow_the_likelihood(c: int, h: int, w: int) -> None:
+    model = peaked_model(c)
+    probs = model.log_prob(all_images(c, h, w)).exp().detach()
+    assert abs(probs.sum().item() - 1) < 1e-9
+    g = torch.Generator().manual_seed(0)
+    samples = sample(model, (20000, c, h, w), generator=g)
+    assert_matches(samples, probs)
+
+
+def test_temperature_divides_the_logits() -> None:
+    model = peaked_model(1)
+    images = all_images(1, 2, 2)
+    t = 0.5
+    logp = torch.log_softmax(model(images) / t, dim=2).gather(2, images.unsqueeze(2))
+    probs = logp.sum(dim=(1, 2, 3, 4)).exp().detach()
+    samples = sample(
+        model, (20000, 1, 2, 2), temperature=t, generator=torch.Generator().manual_seed(1)
+    )
+    assert_matches(samples, probs)
+
+
+def test_low_temperature_approaches_the_mode() -> None:
+    model = peaked_model(3, seed=3)
+    # Greedy decoding, step by step: what temperature -> 0 must give.
+    greedy = torch.zeros(1, 3, 2, 2, dtype=torch.long)
+    for r, c, ch in itertools.product(range(2), range(2), range(3)):
+        greedy[0, ch, r, c] = model(greedy)[0, ch, :, r, c].argmax()
+    samples = sample(
+        model, (64, 3, 2, 2), temperature=1e-3, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(samples, greedy.expand(64, -1, -1, -1))
+    warm = sample(model, (64, 3, 2, 2), temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(warm, greedy.expand(64, -1, -1, -1))
+
+
+def test_completion_keeps_known_and_follows_the_conditional() -> None:
+    model = peaked_model(1, seed=1)
+    images = all_images(1, 2, 2)
+    probs = model.log_prob(images).exp().detach()
+    top = torch.tensor([1, 0])
+    rows = (images[:, 0, 0] == top).all(dim=1)
+    cond = probs[rows] / probs[rows].sum()  # p(bottom row | top row), 4 outcomes
+    x = torch.zeros(20000, 1, 2, 2, dtype=torch.long)
+    x[:, 0, 0] = top
+    known = torch.zeros_like(x, dtype=torch.bool)
+    known[:, :, 0] = True
+    out = sample(model, x=x, known=known, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(out[:, :, 0], x[:, :, 0])
+    assert_matches(out[:, :, 1], cond)
+
+
+def test_completion_of_some_channels_keeps_them() -> None:
+    model = peaked_model(3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 2, (8, 3, 3, 3), generator=g)
+    known = torch.rand(8, 3, 3, 3, generator=g) < 0.5
+    out = sample(model, x=x, known=known, generator=g)
+    assert torch.equal(out[known], x[known])
+
+
+def test_same_seed_same_samples_and_global_rng_untouched() -> None:
+    model = peaked_model(3)
+    state = torch.get_rng_state()
+    a = sample(model, (4, 3, 3, 3), generator=torch.Generator().manual_seed(7))
+    b = sample(model, (4, 3, 3, 3), generator=torch.Generator().manual_seed(7))
+    c = sample(model, (4, 3, 3, 3), generator=torch.Generator().manual_seed(8))
+    sample(model, (4, 3, 3, 3))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_output_dtype_device_mode_and_no_autograd() -> None:
+    model = PixelCNN(1, 4, hidden_channels=8, num_layers=2)
+    model.train()
+    out = model.sample(3, (4, 5), generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.long and out.shape == (3, 1, 4, 5) and not out.requires_grad
+    assert out.min() >= 0 and out.max() < 4
+    assert model.training
+    model.eval()
+    model.sample(1, (2, 2))
+    assert not model.training
+
+
+class UserModel(nn.Module):
+    """A model that follows the protocol but declares nothing about itself."""
+
+    def __init__(self, inner: PixelCNN) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("layout", ["blocked", "interleaved"])
+def test_generic_models_and_row_cropping_agree(layout: str) -> None:
+    model = peaked_model(3, group_layout=layout)
+    user = UserModel(model)  # no causal_rows: the full image every step
+    a = sample(model, (5, 3, 4, 3), generator=torch.Generator().manual_seed(3))
+    b = sample(
+        user,
+        (5, 3, 4, 3),
+        generator=torch.Generator().manual_seed(3),
+        color_groups=3,
+        group_layout=layout,
+    )
+    assert torch.equal(a, b)
+
+
+class FakeCudaGenerator:
+    device = torch.device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (
+            dict(shape=(1, 1, 2, 2), temperature=0.0),
+            ValueError,
+            "temperature must be a finite float > 0, but got 0.0",
+        ),
+        (
+            dict(shape=(1, 1, 2, 2), temperature=-1),
+            ValueError,
+            "temperature must be a finite float > 0, but got -1",
+        ),
+        (dict(shape=(1, 1, 2, 2), temperature=float("nan")), ValueError, "but got nan"),
+        (
+            dict(shape=(1, 1, 2, 2), temperature="hot"),
+            TypeError,
+            "temperature must be a float > 0, but got str",
+        ),
+        (dict(), ValueError, "give either shape=(B, C, H, W) or a partial image x= with known="),
+        (
+            dict(shape=(1, 2, 2)),
+            ValueError,
+            "shape must be 4 positive ints (B, C, H, W), but got (1, 2, 2)",
+        ),
+        (dict(x=torch.zeros(1, 1, 2, 2, dtype=torch.long)), ValueError, "x and known go together"),
+        (
+            dict(x=torch.zeros(1, 1, 2, 2), known=torch.ones(1, 1, 2, 2, dtype=torch.bool)),
+            TypeError,
+            "x must be an integer image tensor, but got dtype torch.float32",
+        ),
+        (
+            dict(x=torch.zeros(1, 1, 2, 2, dtype=torch.long), known=torch.ones(1, 1, 2, 2)),
+            TypeError,
+            "known must be a bool tensor, but got dtype torch.float32",
+        ),
+        (
+            dict(
+                x=torch.zeros(1, 1, 2, 2, dtype=torch.long),
+                known=torch.ones(1, 1, 2, 3, dtype=torch.bool),
+            ),
+            ValueError,
+            "known must have its shape, but got x (1, 1, 2, 2) and known (1, 1, 2, 3)",
+        ),
+        (
+            dict(
+                x=torch.full((1, 1, 2, 2), 5),
+                known=torch.tensor([[[[True, False], [False, False]]]]),
+            ),
+            ValueError,
+            "x must have values in [0, 2) where known is True (the model has 2 levels), but got values in [5, 5]",
+        ),
+        (
+            dict(shape=(1, 1, 2, 2), generator=FakeCudaGenerator()),
+            ValueError,
+            "generator must be on the model's device cpu, but got a generator on cuda",
+        ),
+    ],
+)
+def test_errors(kwargs: dict, error: type[Exception], message: str) -> None:
+    model = PixelCNN(1, 2, hidden_channels=4, num_layers=1)
+    shape = kwargs.pop("shape", None)
+    with pytest.raises(error) as info:
+        sample(model, shape, **kwargs)
+    assert message in str(info.value)
+
+
+def test_pixelcnn_sample_needs_both_sizes() -> None:
+    model = PixelCNN(1, 2, hidden_channels=4, num_layers=1)
+    with pytest.raises(ValueError, match="num_samples and image_size go together"):
+        model.sample(4)
