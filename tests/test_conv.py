@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -212,3 +214,73 @@ def test_errors(kwargs: dict, error: type[Exception], fragments: list[str]) -> N
         MaskedConv2d(**args)
     for fragment in fragments:
         assert fragment in str(info.value)
+
+
+def _full_reference(conv: MaskedConv2d, x: torch.Tensor) -> torch.Tensor:
+    # The masked convolution over the whole kernel, as the design blog computes it.
+    return masked_conv2d(
+        x, conv.weight, conv.mask, conv.bias, conv.padding, conv.dilation, conv.groups
+    )
+
+
+def _centre_column(*, out_channels, in_channels, kernel_size, color_groups, group_layout):
+    # Not causal, but a valid mask: the crop must handle taps below the centre too.
+    m = torch.zeros(out_channels, in_channels, *kernel_size)
+    m[:, :, :, kernel_size[1] // 2] = 1
+    return m
+
+
+def _nothing(*, out_channels, in_channels, kernel_size, color_groups, group_layout):
+    return torch.zeros(out_channels, in_channels, *kernel_size)
+
+
+@given(
+    kind=st.sampled_from(["A", "B", _centre_column, _nothing]),
+    groups=st.integers(1, 3),
+    mult=st.integers(1, 2),
+    k=st.sampled_from([1, 3, 5, 7, (1, 5), (5, 1), (3, 7)]),
+    dilation=st.sampled_from([1, 2]),
+    layout=st.sampled_from(["blocked", "interleaved"]),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+)
+def test_cropped_kernel_equals_full_masked_conv_float64(
+    kind, groups, mult, k, dilation, layout, h, w
+) -> None:
+    c = groups * mult
+    conv = MaskedConv2d(
+        c,
+        c,
+        k,
+        dilation=dilation,
+        mask_type=kind,
+        color_groups=groups,
+        group_layout=layout,
+        dtype=torch.float64,
+    )
+    with torch.no_grad():
+        conv.weight.normal_()  # masked taps too: neither path may use them
+    x = torch.randn(2, c, h, w, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, c, h, w, dtype=torch.float64)
+    ours = conv(x)
+    ref = _full_reference(conv, x)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    g_ours = torch.autograd.grad(ours, (x, conv.weight, conv.bias), grad_out)
+    g_ref = torch.autograd.grad(ref, (x, conv.weight, conv.bias), grad_out)
+    for a, b in zip(g_ours, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cropped_kernel_equals_full_masked_conv_float32(channels_last: bool) -> None:
+    conv = MaskedConv2d(64, 64, 7, mask_type="B")
+    x = torch.randn(4, 64, 28, 28, requires_grad=True)
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    ours, ref = conv(x), _full_reference(conv, x)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    g_ours = torch.autograd.grad(ours.square().sum(), (x, conv.weight))
+    g_ref = torch.autograd.grad(ref.square().sum(), (x, conv.weight))
+    for a, b in zip(g_ours, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
