@@ -282,5 +282,5 @@ def test_cropped_kernel_equals_full_masked_conv_float32(channels_last: bool) -> 
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     g_ours = torch.autograd.grad(ours.square().sum(), (x, conv.weight))
     g_ref = torch.autograd.grad(ref.square().sum(), (x, conv.weight))
-    for a, b in zip(g_ours, g_ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(g_ours, g_ref, strict=True):  # float tolerance, relative to the scale
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())

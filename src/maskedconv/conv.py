@@ -239,11 +239,24 @@ class MaskedConv2d(nn.Conv2d):
         Returns:
             ``(B, out_channels, H, W)``.
         """
-        padding = cast("tuple[int, int]", self.padding)  # always explicit, set in __init__
         dilation = cast("tuple[int, int]", self.dilation)
-        return masked_conv2d(
-            input, self.weight, self.mask, self.bias, padding, dilation, self.groups
+        if self._crop is None:  # the mask keeps nothing: the output is the bias
+            padding = cast("tuple[int, int]", self.padding)  # always explicit, set in __init__
+            return masked_conv2d(
+                input, self.weight, self.mask, self.bias, padding, dilation, self.groups
+            )
+        (rows, cols), crop_padding, (top, left) = self._crop
+        out = masked_conv2d(
+            input,
+            self.weight[:, :, rows, cols],
+            self.mask[:, :, rows, cols],
+            self.bias,
+            crop_padding,
+            dilation,
+            self.groups,
         )
+        height, width = input.shape[-2:]
+        return out[..., top : top + height, left : left + width]
 
     def extra_repr(self) -> str:
         kind = (
