@@ -65,11 +65,13 @@ def _crop_plan(
     offsets at which the output of size (H, W) starts; ``None`` if nothing is kept.
     A causal mask keeps only the rows at and above the centre: about half the work.
     """
-    spans = (_kept_span(mask, 2), _kept_span(mask, 3))
-    if spans[0] is None or spans[1] is None:
+    row_span, col_span = _kept_span(mask, 2), _kept_span(mask, 3)
+    if row_span is None or col_span is None:
         return None
     slices, padding, offsets = [], [], []
-    for (first, last), size, dil in zip(spans, mask.shape[2:], dilation, strict=True):
+    for (first, last), size, dil in zip(
+        (row_span, col_span), mask.shape[2:], dilation, strict=True
+    ):
         centre = size // 2
         # Output index i needs inputs i + (k - centre) * dil for kept taps k in
         # [first, last]; pad symmetrically enough for both ends, then skip the excess.
