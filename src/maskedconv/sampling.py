@@ -228,7 +228,10 @@ def _draw(logits: Tensor, temperature: float, generator: torch.Generator) -> Ten
     of its per-call cost for small batches.
     """
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    cdf = torch.softmax(logits.to(dtype) / temperature, dim=-1).cumsum_(-1)  # (B, n, K)
+    logits = logits.to(dtype)
+    if temperature != 1.0:
+        logits = logits / temperature
+    cdf = torch.softmax(logits, dim=-1).cumsum_(-1)  # (B, n, K)
     u = torch.rand((*cdf.shape[:-1], 1), generator=generator, device=cdf.device, dtype=dtype)
     # Rounding can leave the last cumulative value just below u: clamp to K - 1.
     return (cdf <= u).sum(-1).clamp_(max=logits.shape[-1] - 1)

@@ -1,0 +1,183 @@
+"""Benchmark cases: each times its variants interleaved and reports ratios.
+
+A case returns a plain dict that the pytest-benchmark tests store in ``extra_info``
+and ``report.py`` prints: the median seconds of every variant, and ratios of one
+variant's median to another's, each with the target it is held to (if any).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from blog_baseline import BlogMaskedConv2d, BlogPixelCNN
+from timing import interleaved
+from torch import nn
+
+from maskedconv import MaskedConv2d, PixelCNN, sample
+from maskedconv._cached import CachedPixelCNN
+
+Result = dict[str, Any]
+
+
+def ratio(name: str, num: str, den: str, target: str | None = None) -> dict[str, Any]:
+    """``num``'s median over ``den``'s; ``target`` like ``"<= 0.65"`` or ``">= 150"``."""
+    return {"name": name, "num": num, "den": den, "target": target}
+
+
+def finish(medians: dict[str, float], ratios: list[dict[str, Any]], **extra: Any) -> Result:
+    for r in ratios:
+        r["value"] = medians[r["num"]] / medians[r["den"]]
+    return {"medians": medians, "ratios": ratios, **extra}
+
+
+# --- one layer -------------------------------------------------------------------
+
+
+def conv_case(kind: str, channels: int, groups: int, backward: bool, rounds: int = 15) -> Result:
+    """A 7x7 masked layer at batch 32, 28x28: ours, the blog's, a dense nn.Conv2d."""
+    torch.manual_seed(0)
+    x = torch.randn(32, channels, 28, 28)
+    layers: dict[str, nn.Module] = {
+        "dense": nn.Conv2d(channels, channels, 7, padding=3),
+        "blog": BlogMaskedConv2d(kind, channels, channels, 7, groups),
+        "ours": MaskedConv2d(channels, channels, 7, mask_type=kind, color_groups=groups),
+        "ours_channels_last": MaskedConv2d(
+            channels, channels, 7, mask_type=kind, color_groups=groups
+        ).to(memory_format=torch.channels_last),
+    }
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+
+    def run(name: str, layer: nn.Module) -> Callable[[], None]:
+        inp = x_cl if name.endswith("channels_last") else x
+
+        def go() -> None:
+            if backward:
+                xx = inp.detach().requires_grad_(True)
+                layer(xx).sum().backward()
+            else:
+                with torch.no_grad():
+                    layer(inp)
+
+        return go
+
+    medians = interleaved({n: run(n, m) for n, m in layers.items()}, rounds)
+    target = "<= 0.65" if backward and kind == "B" and groups == 1 else None
+    return finish(
+        medians,
+        [
+            ratio("ours / dense", "ours", "dense", target),
+            ratio("ours / blog", "ours", "blog"),
+            ratio("ours channels_last / dense", "ours_channels_last", "dense"),
+            ratio("blog / dense", "blog", "dense"),
+        ],
+    )
+
+
+# --- training step -----------------------------------------------------------------
+
+
+def train_case(color: bool, rounds: int) -> Result:
+    """One Adam step with gradient clipping: images/s of ours against the blog's model."""
+    torch.manual_seed(0)
+    channels, levels, filters, layers, batch = (3, 4, 120, 8, 32) if color else (1, 2, 64, 5, 128)
+    y = torch.randint(0, levels, (batch, channels, 28, 28))
+    x_blog = y.float() / (levels - 1) * 2 - 1
+    blog = BlogPixelCNN(channels, levels, filters, layers)
+    ours = PixelCNN(channels, levels, hidden_channels=filters, num_layers=layers)
+    ours_cl = PixelCNN(channels, levels, hidden_channels=filters, num_layers=layers).to(
+        memory_format=torch.channels_last
+    )
+
+    def step(model: nn.Module, loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def go() -> None:
+            opt.zero_grad(set_to_none=True)
+            loss().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+
+        return go
+
+    medians = interleaved(
+        {
+            "blog": step(blog, lambda: blog.loss(x_blog, y)),
+            "ours": step(ours, lambda: -ours.log_prob(y).sum()),
+            "ours_channels_last": step(ours_cl, lambda: -ours_cl.log_prob(y).sum()),
+        },
+        rounds,
+    )
+    target = None if color else ">= 1.45"
+    # Speed-ups: the baseline's time over ours (images/s ratio).
+    return finish(
+        medians,
+        [
+            ratio("blog / ours (speed-up)", "blog", "ours", target),
+            ratio("blog / ours channels_last (speed-up)", "blog", "ours_channels_last"),
+        ],
+        images_per_s={name: batch / t for name, t in medians.items()},
+    )
+
+
+# --- sampling -----------------------------------------------------------------------
+
+
+def sample_case(color: bool, batch: int, naive_rows: int | None, rounds: int) -> Result:
+    """The cached sampler against one batched forward, and against the blog's loop."""
+    torch.manual_seed(0)
+    channels, levels, filters, layers = (3, 4, 120, 8) if color else (1, 2, 64, 5)
+    ours = PixelCNN(channels, levels, hidden_channels=filters, num_layers=layers).eval()
+    blog = BlogPixelCNN(channels, levels, filters, layers).eval()
+    zeros = torch.zeros(batch, channels, 28, 28, dtype=torch.long)
+
+    def forward() -> None:
+        with torch.no_grad():
+            ours(zeros)
+
+    def blog_forward() -> None:
+        with torch.no_grad():
+            blog(zeros.float())
+
+    def cached() -> None:
+        sample(ours, (batch, channels, 28, 28), generator=torch.Generator().manual_seed(0))
+
+    variants = {"ours_forward": forward, "blog_forward": blog_forward, "cached": cached}
+    medians = interleaved(variants, rounds)
+    ratios = [
+        ratio(
+            "cached / ours forward" + (" / groups" if color else ""),
+            "cached",
+            "ours_forward_x_groups" if color else "ours_forward",
+            _sample_target(color, batch),
+        ),
+        ratio("cached / blog forward", "cached", "blog_forward"),
+    ]
+    if color:
+        medians["ours_forward_x_groups"] = medians["ours_forward"] * channels
+    extra: dict[str, Any] = {
+        "cache_bytes": CachedPixelCNN(ours, batch, 28).cache_bytes(),
+    }
+    if naive_rows:
+        # The blog's loop costs the same for every row: time a few, scale by 28 / rows.
+        naive = interleaved({"naive": lambda: blog.sample(batch, 28, rows=naive_rows)}, 1, 0)
+        medians["blog_naive_loop"] = naive["naive"] * 28 / naive_rows
+        ratios.append(
+            ratio(
+                "blog naive loop / cached (speed-up)",
+                "blog_naive_loop",
+                "cached",
+                ">= 150" if batch == 16 and not color else None,
+            )
+        )
+        extra["naive_note"] = (
+            f"blog loop timed on {naive_rows} of 28 rows, scaled by {28 / naive_rows:g}"
+        )
+    return finish(medians, ratios, **extra)
+
+
+def _sample_target(color: bool, batch: int) -> str | None:
+    if color:
+        return "<= 4" if batch == 16 else None
+    return {16: "<= 4", 64: "<= 2", 256: "<= 1"}.get(batch)

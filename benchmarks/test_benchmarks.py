@@ -1,0 +1,43 @@
+"""pytest-benchmark entry points; ``python benchmarks/report.py`` runs them and prints ratios.
+
+Each test times all variants of one case interleaved in this process and stores the
+medians and ratios in ``extra_info``. Nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import pytest
+from cases import conv_case, sample_case, train_case
+
+
+def run(benchmark, case, *args, **kwargs) -> None:
+    result = benchmark.pedantic(case, args=args, kwargs=kwargs, rounds=1, iterations=1)
+    benchmark.extra_info.update(result)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
+@pytest.mark.parametrize(
+    ("kind", "channels", "groups"), [("A", 64, 1), ("B", 64, 1), ("A", 120, 3), ("B", 120, 3)]
+)
+def test_masked_conv_7x7(benchmark, kind: str, channels: int, groups: int, backward: bool) -> None:
+    run(benchmark, conv_case, kind, channels, groups, backward)
+
+
+@pytest.mark.parametrize("color", [False, True], ids=["binary-b128", "color-b32"])
+def test_training_step(benchmark, color: bool) -> None:
+    run(benchmark, train_case, color, rounds=3 if color else 5)
+
+
+@pytest.mark.parametrize(
+    ("color", "batch", "naive_rows", "rounds"),
+    [
+        (False, 1, 1, 5),
+        (False, 16, 1, 5),
+        (False, 64, None, 3),
+        (False, 256, None, 3),
+        (True, 16, None, 3),
+    ],
+    ids=["binary-b1", "binary-b16", "binary-b64", "binary-b256", "color-b16"],
+)
+def test_sampling(benchmark, color: bool, batch: int, naive_rows: int | None, rounds: int) -> None:
+    run(benchmark, sample_case, color, batch, naive_rows, rounds)

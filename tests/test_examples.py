@@ -1,0 +1,364 @@
+"""The MNIST examples: data, checkpoints, resume, signals, torchrun (CPU, gloo)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import mnist_common as mc  # noqa: E402
+
+REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+HAVE_REAL = all((REAL_MNIST / f"{name}.gz").exists() for name in mc.MNIST_FILES)
+TINY = [
+    "--hidden-channels",
+    "8",
+    "--num-layers",
+    "2",
+    "--kernel-size",
+    "3",
+    "--batch-size",
+    "16",
+    "--eval-batch-size",
+    "512",
+    "--num-samples",
+    "4",
+    "--device",
+    "cpu",
+    "--no-download",
+]
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_synthetic_mnist(folder: Path, n_train: int = 96, n_test: int = 40) -> None:
+    """Tiny MNIST-format files: random strokes, so the examples have something to learn."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = np.zeros((n, 28, 28), dtype=np.uint8)
+        for i in range(n):
+            r, c = rng.integers(4, 20, size=2)
+            images[i, r : r + 8, c : c + 3] = 255
+        (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images)))
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
+
+
+@pytest.fixture(scope="session")
+def data_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Real MNIST from ../shared/data/mnist when present, tiny synthetic files otherwise."""
+    if HAVE_REAL:
+        return ["--data-dir", str(REAL_MNIST)]
+    folder = tmp_path_factory.mktemp("mnist")
+    write_synthetic_mnist(folder)
+    return ["--data-dir", str(folder), "--no-verify"]
+
+
+# ---------------------------------------------------------------------- data
+
+
+def test_parse_idx_gzip_and_raw(tmp_path: Path) -> None:
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    assert np.array_equal(mc.parse_idx(idx_bytes(images)), images)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(idx_bytes(images))
+    assert np.array_equal(mc._read_verified(tmp_path, "train-images-idx3-ubyte", None), images)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images)))
+    sha = hashlib.sha256(idx_bytes(images)).hexdigest()
+    assert np.array_equal(mc._read_verified(tmp_path, "t10k-images-idx3-ubyte", sha), images)
+
+
+def test_parse_idx_rejects_bad_files() -> None:
+    with pytest.raises(mc.DataError, match="bad magic number"):
+        mc.parse_idx(b"\x00\x00\x0d\x03" + bytes(12))
+    with pytest.raises(mc.DataError, match=r"IDX header says \(2, 2\) \(4 bytes\) but 3 follow"):
+        mc.parse_idx(bytes([0, 0, 8, 2]) + (2).to_bytes(4, "big") * 2 + bytes(3))
+
+
+def test_checksum_mismatch_is_refused(tmp_path: Path) -> None:
+    write_synthetic_mnist(tmp_path)
+    with pytest.raises(
+        mc.DataError, match=r"SHA-256 of the decompressed bytes is .* expected ba891046"
+    ):
+        mc.load_mnist(tmp_path, download=False)
+
+
+def test_missing_files_without_network_fail_with_one_clear_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(mc.urllib.request, "urlopen", offline)
+    with pytest.raises(mc.DataError) as info:
+        mc.load_mnist(tmp_path / "nowhere")
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"is not in {tmp_path / 'nowhere'}. Put the four MNIST files" in message
+    assert "download failed" in message and "no network" in message
+
+
+def test_download_writes_verified_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "mirror"
+    write_synthetic_mnist(source)
+    hashes = {
+        name: hashlib.sha256(gzip.decompress((source / f"{name}.gz").read_bytes())).hexdigest()
+        for name in mc.MNIST_FILES
+    }
+    monkeypatch.setattr(mc, "MNIST_FILES", hashes)
+
+    class Response(io.BytesIO):
+        headers: ClassVar[dict[str, str]] = {}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def fake_urlopen(url: str, timeout: float):
+        return Response((source / url.rsplit("/", 1)[1]).read_bytes())
+
+    monkeypatch.setattr(mc.urllib.request, "urlopen", fake_urlopen)
+    data = mc.load_mnist(tmp_path / "data")
+    assert data["train"].shape == (96, 28, 28) and data["test_labels"].shape == (40,)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(
+        f"{n}.gz" for n in hashes
+    )
+
+
+@pytest.mark.skipif(not HAVE_REAL, reason="real MNIST not found in ../shared/data/mnist")
+def test_real_mnist_loads_and_verifies() -> None:
+    data = mc.load_mnist(REAL_MNIST, download=False)
+    assert data["train"].shape == (60000, 28, 28) and data["test"].shape == (10000, 28, 28)
+    assert data["train"].dtype == np.uint8
+    ones = mc.binarize(data["test"]).mean()
+    assert 0.1 < ones < 0.2  # about 13% of MNIST pixels are > 127.5
+
+
+def test_binarize_threshold() -> None:
+    assert mc.binarize(np.array([0, 127, 128, 255], dtype=np.uint8)).tolist() == [0, 0, 1, 1]
+
+
+def test_colorize_is_deterministic_and_well_formed() -> None:
+    rng = np.random.default_rng(1)
+    digits = (rng.random((50, 28, 28)) > 0.8).astype(np.uint8) * 255
+    a, b, c = mc.colorize(digits, seed=3), mc.colorize(digits, seed=3), mc.colorize(digits, seed=4)
+    assert a.shape == (50, 28, 28, 3) and a.dtype == np.uint8 and a.max() <= 3
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    for image, digit in zip(a, digits, strict=True):
+        fg = image[digit > 127.5]
+        assert (fg == fg[0]).all()  # one colour per digit
+        bg = np.unique(image[digit <= 127.5], axis=0)
+        assert len(bg) > 1  # a textured, multi-colour background
+        assert (np.abs(bg.astype(int) - fg[0]) >= 2).any(axis=1).all()  # the digit stands out
+
+
+def test_pickle_reader_admits_arrays_only(tmp_path: Path) -> None:
+    good = {"train": np.zeros((4, 28, 28, 1), np.uint8), "test": np.ones((2, 28, 28, 1), np.uint8)}
+    path = tmp_path / "mnist.pkl"
+    path.write_bytes(pickle.dumps(good))
+    data = mc.load_pickle(path)
+    assert np.array_equal(data["test"], good["test"])
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"train": Evil(), "test": Evil()}))
+    with pytest.raises(
+        mc.DataError,
+        match=r"refusing to load (posix|nt)\.system: this reader admits only numpy arrays",
+    ):
+        mc.load_pickle(evil)
+    wrong = tmp_path / "wrong.pkl"
+    wrong.write_bytes(
+        pickle.dumps({"train": np.zeros((4, 28, 28), np.uint8), "test": good["test"]})
+    )
+    with pytest.raises(mc.DataError, match="'train' must be a uint8 array"):
+        mc.load_pickle(wrong)
+
+
+# ------------------------------------------------------------------ training
+
+
+def run_binary(out: Path, data_args: list[str], *extra: str) -> int:
+    return mc.run(mc.BINARY, "test", [*data_args, *TINY, "--out-dir", str(out), *extra])
+
+
+def test_smoke_run_writes_every_output(tmp_path: Path, data_args: list[str]) -> None:
+    assert run_binary(tmp_path, data_args, "--max-steps", "3") == 0
+    for name in ("nll.png", "samples.png", "completion.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [p[0] for p in metrics["train"]] == [1, 2, 3]
+    assert metrics["test"][-1]["step"] == 3 and metrics["test"][-1]["nats_per_dim"] > 0
+    assert "test_nats_per_dim" in (tmp_path / "metrics.csv").read_text()
+    ckpt = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["identity"]["model"]["hidden_channels"] == 8
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_resume_continues_exactly(tmp_path: Path, data_args: list[str]) -> None:
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_binary(straight, data_args, "--max-steps", "4") == 0
+    assert run_binary(split, data_args, "--max-steps", "2") == 0
+    assert run_binary(split, data_args, "--max-steps", "4", "--resume") == 0
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(split / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    assert a["train_curve"] == b["train_curve"]
+
+
+def test_resume_from_another_config_is_refused(
+    tmp_path: Path, data_args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_binary(tmp_path, data_args, "--max-steps", "1") == 0
+    code = mc.run(
+        mc.BINARY,
+        "test",
+        [*data_args, *TINY, "--hidden-channels", "16", "--out-dir", str(tmp_path), "--resume"],
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "is from another configuration: hidden_channels=8 (this run: 16)" in err
+
+
+def test_resume_without_checkpoint(
+    tmp_path: Path, data_args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_binary(tmp_path, data_args, "--resume") == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_color_example_smoke(tmp_path: Path, data_args: list[str]) -> None:
+    code = mc.run(
+        mc.COLOR,
+        "test",
+        [
+            *data_args,
+            *TINY,
+            "--hidden-channels",
+            "12",
+            "--out-dir",
+            str(tmp_path),
+            "--max-steps",
+            "2",
+        ],
+    )
+    assert code == 0
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert (
+        ckpt["identity"]["model"]["in_channels"] == 3 and ckpt["identity"]["model"]["levels"] == 4
+    )
+    assert (tmp_path / "completion.png").exists()
+
+
+def test_trains_from_a_course_pickle(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    data = {
+        "train": rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8),
+        "test": rng.integers(0, 256, (16, 28, 28, 1), dtype=np.uint8),
+    }
+    path = tmp_path / "mnist.pkl"
+    path.write_bytes(pickle.dumps(data))
+    code = mc.run(
+        mc.BINARY,
+        "test",
+        ["--pickle", str(path), *TINY, "--out-dir", str(tmp_path / "o"), "--max-steps", "1"],
+    )
+    assert code == 0
+
+
+def test_bad_flags_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        mc.run(mc.BINARY, "test", ["--max-steps", "0"])
+    assert "--max-steps must be >= 1, but got 0" in capsys.readouterr().err
+
+
+def script_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def test_ctrl_c_checkpoints_and_exits_cleanly(tmp_path: Path, data_args: list[str]) -> None:
+    cmd = [
+        sys.executable,
+        str(EXAMPLES / "mnist_binary.py"),
+        *data_args,
+        *TINY,
+        "--out-dir",
+        str(tmp_path),
+        "--epochs",
+        "1000",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env()
+    )
+    assert proc.stdout is not None
+    header = proc.stdout.readline()  # printed once the data is loaded, before training
+    assert "binary MNIST" in header
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGINT" in out
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] >= 1
+    assert not (tmp_path / "samples.png").exists()  # stopped: no sampling, just the checkpoint
+
+
+def test_torchrun_two_processes_gloo(tmp_path: Path, data_args: list[str]) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(EXAMPLES / "mnist_binary.py"),
+        *data_args,
+        *TINY,
+        "--out-dir",
+        str(tmp_path),
+        "--max-steps",
+        "3",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=script_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) on cpu" in result.stdout
+    assert "parameters identical across 2 ranks" in result.stdout
+    assert result.stdout.count("step 3: test NLL") == 1  # only rank 0 reports and writes
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint.pt",
+        "completion.png",
+        "metrics.csv",
+        "metrics.json",
+        "nll.png",
+        "samples.png",
+    ]
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["identity"]["processes"] == 2
