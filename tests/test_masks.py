@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from maskedconv import make_mask, mask_a, mask_b
-from maskedconv.masks import channel_groups, spatial_mask
+from maskedconv.masks import channel_groups, group_slices, spatial_mask
 
 
 def blog_single_channel(kind: str, out_c: int, in_c: int, k: int) -> torch.Tensor:
@@ -90,6 +90,15 @@ def test_interleaved_groups() -> None:
     # out channel o (group o % 3) sees in channel i (group i % 3) iff i % 3 <= o % 3
     expected = torch.tensor([[int(i % 3 <= o % 3) for i in range(6)] for o in range(6)])
     assert torch.equal(centre, expected)
+
+
+@pytest.mark.parametrize("layout", ["blocked", "interleaved"])
+@pytest.mark.parametrize(("channels", "groups"), [(1, 1), (6, 3), (12, 4), (8, 2)])
+def test_group_slices_agree_with_channel_groups(channels: int, groups: int, layout: str) -> None:
+    of_group = channel_groups(channels, groups, layout)
+    index = torch.arange(channels)
+    for g, chans in enumerate(group_slices(channels, groups, layout)):
+        assert index[chans].tolist() == torch.nonzero(of_group == g).flatten().tolist()
 
 
 @given(

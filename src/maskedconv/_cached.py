@@ -197,7 +197,8 @@ class CachedPixelCNN:
         self.model = model
         self.ops = _compile(model.net, batch, width)
         # Scaled value of every level: one lookup per step instead of three ops.
-        self.scaled = model.scale(torch.arange(model.levels, device=model.net[0].weight.device))
+        device = next(model.parameters()).device
+        self.scaled = model.scale(torch.arange(model.levels, device=device))
         self.first = self.ops[0] if isinstance(self.ops[0], _Spatial) else None
 
     def cache_bytes(self) -> int:

@@ -37,6 +37,7 @@ __all__ = [
     "MaskFunction",
     "channel_groups",
     "check_group_layout",
+    "group_slices",
     "group_split_error",
     "make_mask",
     "mask_a",
@@ -111,6 +112,19 @@ def channel_groups(channels: int, color_groups: int, group_layout: str = "blocke
     if group_layout == "blocked":
         return index // (channels // color_groups)
     return index % color_groups
+
+
+def group_slices(channels: int, color_groups: int, group_layout: str = "blocked") -> list[slice]:
+    """The channels of each colour group, as slices (the grouping of :func:`channel_groups`).
+
+    Returns:
+        ``color_groups`` slices: contiguous blocks, or every G-th channel when interleaved.
+    """
+    channel_groups(channels, color_groups, group_layout)  # the same checks and errors
+    per_group = channels // color_groups
+    if group_layout == "blocked":
+        return [slice(g * per_group, (g + 1) * per_group) for g in range(color_groups)]
+    return [slice(g, None, color_groups) for g in range(color_groups)]
 
 
 def spatial_mask(kernel_size: tuple[int, int], *, include_center: bool) -> Tensor:

@@ -268,7 +268,7 @@ class PixelCNN(nn.Module):
         Args:
             num_samples: B; omit when completing an image given as ``x=``.
             image_size: ``(H, W)``; omit when completing an image given as ``x=``.
-            **kwargs: ``generator``, ``temperature``, ``x``, ``known``.
+            **kwargs: ``generator``, ``temperature``, ``x``, ``known``, ``method``.
 
         Returns:
             ``(B, C, H, W)`` int64 images on the model's device.

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._cached import CachedPixelCNN, NoCachedPathError
-from .masks import channel_groups
+from .masks import group_slices
 
 __all__ = ["sample"]
 
@@ -155,13 +155,7 @@ def sample(
     batch, channels, height, width = images.shape
     groups = color_groups if color_groups is not None else getattr(model, "color_groups", 1)
     layout = group_layout if group_layout is not None else getattr(model, "group_layout", "blocked")
-    channel_groups(channels, groups, layout)  # validates the split
-    # The channels of group g, as a slice: cheaper to index than a list.
-    per_group = channels // groups
-    members = [
-        slice(g * per_group, (g + 1) * per_group) if layout == "blocked" else slice(g, None, groups)
-        for g in range(groups)
-    ]
+    members = group_slices(channels, groups, layout)  # slices: cheaper to index than lists
     completing = bool(known.any())
     crop = bool(getattr(model, "causal_rows", False))
 
