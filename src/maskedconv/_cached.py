@@ -175,9 +175,8 @@ def _compile(module: nn.Module, batch: int, width: int) -> list[_Op]:
     if kind is GroupLayerNorm:
         return [_Pointwise(_at_pixel(module))]
     if kind in (ResidualBlock, BottleneckBlock):
-        body = module.body
-        assert isinstance(body, nn.Module)
-        return [_Residual(_compile(body, batch, width))]
+        assert isinstance(module, (ResidualBlock, BottleneckBlock))
+        return [_Residual(_compile(module.body, batch, width))]
     raise NoCachedPathError(f"{kind.__name__} has no cached path")
 
 

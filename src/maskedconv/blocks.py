@@ -6,6 +6,8 @@ group g at pixel p see groups ``<= g`` at p and everything before p.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
@@ -15,7 +17,18 @@ from .masks import check_group_layout, group_split_error
 __all__ = ["BottleneckBlock", "GroupLayerNorm", "ResidualBlock"]
 
 
-class ResidualBlock(nn.Module):
+class _SkipBlock(nn.Module):
+    """``x + self.body(x)``: the skip is added here, once."""
+
+    body: nn.Sequential
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, C, H, W)``."""
+        out: Tensor = x + self.body(x)
+        return out
+
+
+class ResidualBlock(_SkipBlock):
     """The PixelCNN residual block: ``x + relu(B1x1(relu(Bkxk(relu(B1x1(x))))))``.
 
     Each convolution is type B with ``channels`` in and out (van den Oord et al.,
@@ -38,20 +51,17 @@ class ResidualBlock(nn.Module):
         group_layout: str = "blocked",
     ) -> None:
         super().__init__()
-        opts = dict(mask_type="B", color_groups=color_groups, group_layout=group_layout)
+        conv = partial(
+            MaskedConv2d, mask_type="B", color_groups=color_groups, group_layout=group_layout
+        )
         self.body = nn.Sequential(
-            MaskedConv2d(channels, channels, 1, **opts),  # type: ignore[arg-type]
+            conv(channels, channels, 1),
             nn.ReLU(),
-            MaskedConv2d(channels, channels, kernel_size, **opts),  # type: ignore[arg-type]
+            conv(channels, channels, kernel_size),
             nn.ReLU(),
-            MaskedConv2d(channels, channels, 1, **opts),  # type: ignore[arg-type]
+            conv(channels, channels, 1),
             nn.ReLU(),
         )
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, H, W) -> (B, C, H, W)``; the skip is added here, once."""
-        out: Tensor = x + self.body(x)
-        return out
 
 
 class GroupLayerNorm(nn.Module):
@@ -108,7 +118,7 @@ class GroupLayerNorm(nn.Module):
         )
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(_SkipBlock):
     """The course solution's residual block: C -> C/2 -> C/2 -> C, with a group LayerNorm.
 
     ``x + B1x1(relu(Bkxk(relu(B1x1(relu(norm(x)))))))`` where ``norm`` is a
@@ -138,18 +148,15 @@ class BottleneckBlock(nn.Module):
                 f"2 * color_groups = {2 * color_groups} (the bottleneck halves it)",
             )
         half = channels // 2
-        opts = dict(mask_type="B", color_groups=color_groups, group_layout=group_layout)
+        conv = partial(
+            MaskedConv2d, mask_type="B", color_groups=color_groups, group_layout=group_layout
+        )
         self.body = nn.Sequential(
             GroupLayerNorm(channels, color_groups=color_groups, group_layout=group_layout),
             nn.ReLU(),
-            MaskedConv2d(channels, half, 1, **opts),  # type: ignore[arg-type]
+            conv(channels, half, 1),
             nn.ReLU(),
-            MaskedConv2d(half, half, kernel_size, **opts),  # type: ignore[arg-type]
+            conv(half, half, kernel_size),
             nn.ReLU(),
-            MaskedConv2d(half, channels, 1, **opts),  # type: ignore[arg-type]
+            conv(half, channels, 1),
         )
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, H, W) -> (B, C, H, W)``; the skip is added here, once."""
-        out: Tensor = x + self.body(x)
-        return out
