@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from tqdm import tqdm
 
 from maskedconv import PixelCNN
 
@@ -90,8 +91,6 @@ def _read_verified(data_dir: Path, name: str, expected_sha: str | None) -> np.nd
 
 
 def _download(name: str, data_dir: Path) -> None:
-    from tqdm import tqdm
-
     errors = []
     for mirror in MNIST_MIRRORS:
         url = f"{mirror}{name}.gz"
@@ -657,8 +656,6 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
             f"--batch-size {args.batch_size} is larger than the {len(sampler)} "
             f"training images per process"
         )
-    from tqdm import tqdm
-
     stop = StopFlag()
     try:
         dims = math.prod(train.shape[1:])
@@ -673,18 +670,14 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
             )
 
         def log_prob_of(x: Tensor) -> Tensor:
-            if d.enabled:  # DDP syncs gradients through its own forward: same math as log_prob
-                logits = net(x)
-                nll = nn.functional.cross_entropy(
-                    logits.float().transpose(1, 2), x, reduction="none"
-                )
-                return -nll.sum(dim=(1, 2, 3))
-            return model.log_prob(x)
+            # Through net's forward, so that DDP syncs the gradients.
+            return model.log_prob_from_logits(net(x), x)
 
         def reached_max() -> bool:
             return args.max_steps is not None and state["step"] >= args.max_steps
 
-        while state["epoch"] < args.epochs and not reached_max() and not stop.requested:
+        stopping = False  # a signal reached some process; all of them stop together
+        while state["epoch"] < args.epochs and not reached_max() and not stopping:
             epoch = state["epoch"]
             sampler.set_epoch(epoch)
             order = batches(sampler, args.batch_size, state["batch_in_epoch"])
@@ -722,13 +715,18 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
                     nats_per_dim=f"{value:.4f}",
                     img_s=f"{seen / (time.perf_counter() - started):.0f}",
                 )
-                if stop.requested or reached_max():
+                stopping = stop.requested is not None
+                if d.enabled:  # ranks that stop at different steps would hang DDP
+                    flag = torch.tensor([float(stopping)], device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    stopping = bool(flag.item())
+                if stopping or reached_max():
                     break
             bar.close()
             if state["batch_in_epoch"] >= steps_per_epoch:
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
-            if not stop.requested:  # after each epoch, and where --max-steps ends a run
+            if not stopping:  # after each epoch, and where --max-steps ends a run
                 nats, bits = evaluate(model, test, d, device, args.eval_batch_size, args.amp)
                 state["test_curve"].append(
                     {
@@ -763,9 +761,10 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
                 same = all(torch.equal(g, gathered[0]) for g in gathered)
                 print(f"parameters {'identical' if same else 'DIFFERENT'} across {d.world} ranks")
         if d.main:
-            if stop.requested:
+            if stopping:
                 print(
-                    f"stopped by {stop.requested} at step {state['step']}; checkpoint "
+                    f"stopped by {stop.requested or 'a signal to another process'} at step "
+                    f"{state['step']}; checkpoint "
                     f"{ckpt_path}; continue with --resume"
                 )
             else:

@@ -74,6 +74,7 @@ def test_log_prob_equals_manual_sum() -> None:
     logp = torch.log_softmax(model(x), dim=2)  # (B, C, K, H, W)
     manual = logp.gather(2, x.unsqueeze(2)).sum(dim=(1, 2, 3, 4))
     torch.testing.assert_close(model.log_prob(x), manual)
+    torch.testing.assert_close(PixelCNN.log_prob_from_logits(model(x), x), manual)
 
 
 def test_interleaved_logits_follow_channel_groups() -> None:

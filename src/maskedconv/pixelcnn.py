@@ -251,7 +251,19 @@ class PixelCNN(nn.Module):
             ``(B,)`` log-likelihoods in nats. :func:`nll_per_dim` turns them into
             nats/dim or bits/dim.
         """
-        logits = self(x)  # (B, C, K, H, W)
+        return self.log_prob_from_logits(self(x), x)
+
+    @staticmethod
+    def log_prob_from_logits(logits: Tensor, x: Tensor) -> Tensor:
+        """``log p(x)`` in nats from logits already computed, e.g. by a DDP wrapper's forward.
+
+        Args:
+            logits: ``(B, C, K, H, W)``, as ``model(x)`` returns them.
+            x: ``(B, C, H, W)`` integer image with values in ``[0, K)``.
+
+        Returns:
+            ``(B,)`` log-likelihoods in nats, computed in at least float32.
+        """
         dtype = torch.promote_types(logits.dtype, torch.float32)
         with torch.autocast(logits.device.type, enabled=False):
             nll = F.cross_entropy(logits.to(dtype).transpose(1, 2), x.long(), reduction="none")
