@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pixelcnn_models
 import pytest
 import torch
 from hypothesis import given
@@ -28,23 +29,7 @@ configs = st.fixed_dictionaries(
 
 
 def build(cfg: dict, dtype: torch.dtype = torch.float64, perturb: bool = True) -> PixelCNN:
-    torch.manual_seed(0)
-    c = cfg["in_channels"]
-    model = PixelCNN(
-        c,
-        cfg["levels"],
-        hidden_channels=6 * c,
-        num_layers=cfg["num_layers"],
-        kernel_size=cfg["kernel_size"],
-        color_groups=c if cfg["grouped"] else 1,
-        group_layout=cfg["group_layout"],
-        block=cfg["block"],
-    )
-    if perturb:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.3)  # non-trivial biases and norms too
-    return model.to(dtype).eval()
+    return pixelcnn_models.build(cfg, dtype, perturb).eval()
 
 
 def group_channels(model: PixelCNN, g: int) -> list[int]:

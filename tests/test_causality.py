@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from pixelcnn_models import build
 from torch import nn
 
 from maskedconv import MaskedConv2d, PixelCNN, allowed_dependencies, assert_causal
@@ -112,21 +113,6 @@ pixelcnn_configs = st.fixed_dictionaries(
         "size": st.integers(2, 6),
     }
 )
-
-
-def build(cfg: dict) -> PixelCNN:
-    torch.manual_seed(0)
-    c = cfg["in_channels"]
-    return PixelCNN(
-        c,
-        cfg["levels"],
-        hidden_channels=6 * c,
-        num_layers=cfg["num_layers"],
-        kernel_size=cfg["kernel_size"],
-        color_groups=c if cfg["grouped"] else 1,
-        group_layout=cfg["group_layout"],
-        block=cfg["block"],
-    )
 
 
 def check_pixelcnn(model: PixelCNN, size: int) -> None:
