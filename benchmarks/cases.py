@@ -16,7 +16,6 @@ from timing import interleaved
 from torch import nn
 
 from maskedconv import MaskedConv2d, PixelCNN, sample
-from maskedconv._cached import CachedPixelCNN
 
 Result = dict[str, Any]
 
@@ -157,7 +156,7 @@ def sample_case(color: bool, batch: int, naive_rows: int | None, rounds: int) ->
     if color:
         medians["ours_forward_x_groups"] = medians["ours_forward"] * channels
     extra: dict[str, Any] = {
-        "cache_bytes": CachedPixelCNN(ours, batch, 28).cache_bytes(),
+        "cache_bytes": ours.incremental(batch, 28).cache_bytes(),  # type: ignore[attr-defined]
     }
     if naive_rows:
         # The blog's loop costs the same for every row: time a few, scale by 28 / rows.
@@ -181,3 +180,40 @@ def _sample_target(color: bool, batch: int) -> str | None:
     if color:
         return "<= 4" if batch == 16 else None
     return {16: "<= 4", 64: "<= 2", 256: "<= 1"}.get(batch)
+
+
+def head_sample_case(kind: str, rounds: int) -> Result:
+    """8x8 maps, batch 64: the cached sampler against the plain loop (``method="naive"``).
+
+    ``kind``: ``"dmol"`` (8-bit grayscale, the mixture head) or ``"embedding"`` (a prior
+    over K = 512 codes, the embedding stem). The blog's model size otherwise.
+    """
+    torch.manual_seed(0)
+    batch, size = 64, 8
+    model = PixelCNN(1, 256, head="dmol") if kind == "dmol" else PixelCNN(1, 512, input="embedding")
+    model.eval()
+    zeros = torch.zeros(batch, 1, size, size, dtype=torch.long)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(zeros)
+
+    def draw(method: str) -> Callable[[], None]:
+        def go() -> None:
+            gen = torch.Generator().manual_seed(0)
+            sample(model, (batch, 1, size, size), generator=gen, method=method)
+
+        return go
+
+    medians = interleaved(
+        {"ours_forward": forward, "cached": draw("cached"), "naive": draw("naive")}, rounds
+    )
+    return finish(
+        medians,
+        [
+            ratio("naive loop / cached (speed-up)", "naive", "cached", ">= 100"),
+            ratio("cached / ours forward", "cached", "ours_forward"),
+            ratio("naive loop / ours forward", "naive", "ours_forward"),
+        ],
+        cache_bytes=model.incremental(batch, size).cache_bytes(),  # type: ignore[attr-defined]
+    )

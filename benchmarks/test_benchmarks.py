@@ -7,7 +7,7 @@ medians and ratios in ``extra_info``. Nothing here asserts a time.
 from __future__ import annotations
 
 import pytest
-from cases import conv_case, sample_case, train_case
+from cases import conv_case, head_sample_case, sample_case, train_case
 
 
 def run(benchmark, case, *args, **kwargs) -> None:
@@ -41,3 +41,8 @@ def test_training_step(benchmark, color: bool) -> None:
 )
 def test_sampling(benchmark, color: bool, batch: int, naive_rows: int | None, rounds: int) -> None:
     run(benchmark, sample_case, color, batch, naive_rows, rounds)
+
+
+@pytest.mark.parametrize("kind", ["dmol", "embedding"], ids=["dmol-k256", "embedding-k512"])
+def test_sampling_8x8_b64(benchmark, kind: str) -> None:
+    run(benchmark, head_sample_case, kind, rounds=3)

@@ -29,5 +29,5 @@ def test_blog_model_equals_ours_with_the_same_weights(
         assert torch.equal(a.mask, b.mask)  # the same masks, drawn by two hands
         b.load_state_dict(a.state_dict(), strict=False)
     x = torch.randint(0, levels, (2, channels, 6, 6))
-    ref = blog(ours.scale(x))  # (B, C, K, H, W) log-probs
+    ref = blog(ours.stem(x))  # (B, C, K, H, W) log-probs
     torch.testing.assert_close(torch.log_softmax(ours(x), dim=2), ref, rtol=0, atol=1e-10)

@@ -8,10 +8,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import maskedconv._cached as cached_module
-import maskedconv.sampling as sampling_module
+import maskedconv._heads as heads_module
 from maskedconv import PixelCNN, sample
-from maskedconv._cached import CachedPixelCNN
+from maskedconv._models import _PixelCNNStep
 
 configs = st.fixed_dictionaries(
     {
@@ -45,7 +44,7 @@ def check_steps_match_forward(model: PixelCNN, height: int, width: int, tol: flo
     x = torch.randint(0, k, (3, c, height, width), generator=gen)
     with torch.no_grad():
         full = model(x)  # (B, C, K, H, W)
-        stepper = CachedPixelCNN(model, 3, width)
+        stepper = model.incremental(3, width)
         for row in range(height):
             stepper.start_row(row)
             for col in range(width):
@@ -61,7 +60,7 @@ def check_steps_match_forward(model: PixelCNN, height: int, width: int, tol: flo
                     ours = torch.log_softmax(logits[:, chans], dim=-1)
                     ref = torch.log_softmax(full[:, chans, :, row, col], dim=-1)
                     torch.testing.assert_close(ours, ref, rtol=0, atol=tol)
-                stepper.write_pixel(x[:, :, row, col], col)
+                stepper.write(x[:, :, row, col], col)
 
 
 @given(cfg=configs)
@@ -106,13 +105,13 @@ def test_cached_and_naive_give_the_same_samples(
 
 def record_draws(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
     seen: list[torch.Tensor] = []
-    real_draw = sampling_module._draw
+    real_draw = heads_module.draw_from_log_probs
 
     def spy(logits, temperature, generator):
         seen.append(torch.log_softmax(logits, dim=-1))
         return real_draw(logits, temperature, generator)
 
-    monkeypatch.setattr(sampling_module, "_draw", spy)
+    monkeypatch.setattr(heads_module, "draw_from_log_probs", spy)
     return seen
 
 
@@ -171,13 +170,13 @@ def test_cached_and_naive_agree_in_float32_on_the_blog_model() -> None:
 
 def test_auto_uses_the_cached_path_for_a_pixelcnn(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real_step = CachedPixelCNN.step
+    real_step = _PixelCNNStep.step
 
     def spy(self, pixel, col):
         calls.append(col)
         return real_step(self, pixel, col)
 
-    monkeypatch.setattr(cached_module.CachedPixelCNN, "step", spy)
+    monkeypatch.setattr(_PixelCNNStep, "step", spy)
     model = PixelCNN(3, 2, hidden_channels=6, num_layers=2, kernel_size=3)
     sample(model, (2, 3, 2, 3))
     assert len(calls) == 2 * 3 * 3  # one step per pixel and colour group
@@ -201,7 +200,7 @@ def test_subclass_with_own_forward_falls_back_to_naive() -> None:
     assert torch.equal(auto, naive)
     with pytest.raises(
         ValueError,
-        match="method='cached' needs a PixelCNN built from the library's blocks, but Shifted is not a PixelCNN",
+        match="method='cached' needs a model with an incremental path, but Shifted has no incremental path: Shifted overrides forward; use method='naive'",
     ):
         sample(model, (1, 1, 2, 2), method="cached")
 
@@ -216,7 +215,7 @@ def test_unknown_method() -> None:
 
 def test_cache_memory_is_a_few_rows_per_layer() -> None:
     model = PixelCNN(1, 2)  # blog binary: 5 kxk convs, 64 channels, 7x7
-    stepper = CachedPixelCNN(model, 16, 28)
+    stepper = model.incremental(16, 28)
     # per image: 4 blocks x (4 rows x 34 cols x 64 ch + 28 x 64) + first conv (4 x 34 x 1 + 28 x 64)
     per_image = 4 * (4 * 34 * 64 + 28 * 64) + (4 * 34 * 1 + 28 * 64)
     assert stepper.cache_bytes() == 16 * per_image * 4

@@ -121,7 +121,7 @@ def check_pixelcnn(model: PixelCNN, size: int) -> None:
     # And it is not causal by being blind: it sees the pixel to the left, the pixel
     # above, and the earlier groups at its own pixel.
     m = _float64(model)
-    jac = jacobian(m.forward_scaled, (1, c, size, size))  # (1, C, K, H, W, 1, C, H, W)
+    jac = jacobian(m.forward_features, (1, c, size, size))  # (1, C, K, H, W, 1, C, H, W)
     dep = jac.abs().sum(dim=(0, 2, 5))  # (C, H, W, C, H, W)
     last = size - 1
     assert dep[:, last, last, :, last, last - 1].sum() > 0
@@ -246,3 +246,94 @@ def test_bad_input_shape() -> None:
         ValueError, match=r"input_shape must be \(B, C, H, W\) or \(C, H, W\), but got \(3, 3\)"
     ):
         assert_causal(MaskedConv2d(1, 1, 3), (3, 3))
+
+
+HEAD_STEM_CASES = [
+    (1, 3, "categorical", "scaled", None),
+    (1, 7, "categorical", "embedding", None),
+    (1, 16, "dmol", "scaled", None),
+    (1, 16, "dmol", "embedding", None),
+    (3, 3, "categorical", "scaled", 3),
+    (3, 3, "categorical", "embedding", 3),
+    (3, 3, "categorical", "embedding", 1),
+    (3, 5, "dmol", "scaled", 1),
+    (3, 5, "dmol", "embedding", 1),
+]
+
+
+@pytest.mark.parametrize("layout", ["blocked", "interleaved"])
+@pytest.mark.parametrize(("c", "k", "head", "stem", "groups"), HEAD_STEM_CASES)
+def test_every_head_and_stem_is_causal_through_forward(
+    c: int, k: int, head: str, stem: str, groups: int | None, layout: str
+) -> None:
+    torch.manual_seed(0)
+    model = PixelCNN(
+        c,
+        k,
+        hidden_channels=6 * c,
+        num_layers=2,
+        kernel_size=3,
+        head=head,
+        input=stem,
+        color_groups=groups,
+        group_layout=layout,
+        num_mixtures=2,
+    )
+    assert_causal(model, (2, c, 4, 4))
+    # The same model with a type-B first layer sees its own sub-pixel: caught.
+    leaky = MaskedConv2d(
+        model.input_conv.in_channels,
+        model.input_conv.out_channels,
+        3,
+        mask_type="B",
+        color_groups=model.color_groups,
+        group_layout=layout,
+    )
+    with torch.no_grad():
+        leaky.weight.copy_(model.input_conv.weight)
+        leaky.weight[:, :, 1, 1] = 0.5
+    model.input_conv = leaky
+    with pytest.raises(
+        AssertionError,
+        match=r"depends on input \(image \d, channel \d \[group \d\], row 0, col 0\)",
+    ):
+        assert_causal(model, (2, c, 4, 4))
+
+
+class EmbeddingThenUnmaskedConv(nn.Module):
+    """Fully non-causal: its Jacobian through the lookup is zero, yet it sees everything."""
+
+    levels = 5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 4)
+        self.conv = nn.Conv2d(4, 5, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.embed(x[:, 0]).permute(0, 3, 1, 2)).unsqueeze(1)
+
+
+def test_a_non_causal_embedding_model_is_caught() -> None:
+    with pytest.raises(
+        AssertionError,
+        match=r"output \(image 0, channel 0 \[group 0\], index 0 of|output \(image 0, channel 0 \[group 0\], row 0, col 0\) depends on input \(image 0, channel 0 \[group 0\], row 0, col 0\)",
+    ):
+        assert_causal(EmbeddingThenUnmaskedConv(), (2, 1, 3, 3))
+
+
+def test_a_leak_across_the_batch_is_caught_through_forward() -> None:
+    class Mixes(nn.Module):
+        levels = 3
+
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = PixelCNN(1, 3, hidden_channels=8, num_layers=2, kernel_size=3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.model(x)
+            return out + out.mean(0, keepdim=True)  # causal per image, mixes images
+
+    with pytest.raises(AssertionError, match=r"output \(image 0, .* depends on input \(image 1"):
+        assert_causal(Mixes(), (2, 1, 3, 3))

@@ -277,6 +277,31 @@ def test_color_example_smoke(tmp_path: Path, data_args: list[str]) -> None:
     assert (tmp_path / "completion.png").exists()
 
 
+def test_color_example_with_the_mixture_head(tmp_path: Path, data_args: list[str]) -> None:
+    args = [*data_args, *TINY, "--head", "dmol", "--num-mixtures", "2", "--out-dir", str(tmp_path)]
+    assert mc.run(mc.COLOR, "test", [*args, "--max-steps", "2"]) == 0
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    model = ckpt["identity"]["model"]
+    assert model["head"] == "dmol" and model["num_mixtures"] == 2
+    assert model["color_groups"] is None  # the head's choice: one group, channels coupled
+    assert mc.run(mc.COLOR, "test", [*args, "--max-steps", "3", "--resume"]) == 0
+    assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_0_1_checkpoint_identity_still_resumes(tmp_path: Path) -> None:
+    current = mc.run_identity(
+        mc.BINARY,
+        mc.make_parser(mc.BINARY, "t").parse_args([]),
+        mc.PixelCNN(1, 2).config.to_dict(),
+        1,
+    )
+    saved = {**current, "model": {k: current["model"][k] for k in list(current["model"])[:8]}}
+    mc.check_identity(saved, current, tmp_path / "checkpoint.pt")  # the 0.1 fields only
+    saved["model"]["hidden_channels"] = 32
+    with pytest.raises(mc.DataError, match="hidden_channels=32 \\(this run: 64\\)"):
+        mc.check_identity(saved, current, tmp_path / "checkpoint.pt")
+
+
 def test_trains_from_a_course_pickle(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     data = {

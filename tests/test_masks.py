@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from maskedconv import make_mask, mask_a, mask_b
-from maskedconv.masks import channel_groups, group_slices, spatial_mask
+from maskedconv._masks import channel_groups, group_slices, spatial_mask
 
 
 def blog_single_channel(kind: str, out_c: int, in_c: int, k: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from maskedconv import BottleneckBlock, PixelCNN, PixelCNNConfig, ResidualBlock, nll_per_dim
-from maskedconv.blocks import GroupLayerNorm
+from maskedconv._blocks import GroupLayerNorm
 
 
 def all_images(c: int, h: int, w: int, levels: int = 2) -> torch.Tensor:
@@ -19,11 +19,10 @@ def all_images(c: int, h: int, w: int, levels: int = 2) -> torch.Tensor:
 
 def test_default_is_the_blog_architecture() -> None:
     model = PixelCNN(1, 2)
-    blocks = [m for m in model.net if isinstance(m, ResidualBlock)]
-    assert len(blocks) == 4
-    first = model.net[0]
+    assert len(model.blocks) == 4 and all(isinstance(m, ResidualBlock) for m in model.blocks)
+    first = model.input_conv
     assert first.mask_type == "A" and first.kernel_size == (7, 7) and first.out_channels == 64
-    assert model.net[-1].out_channels == 2 and model.net[-1].kernel_size == (1, 1)
+    assert model.output_conv.out_channels == 2 and model.output_conv.kernel_size == (1, 1)
     assert PixelCNN(3, 4, hidden_channels=120).color_groups == 3
     assert PixelCNN(3, 4, hidden_channels=120, color_groups=1).color_groups == 1
 
@@ -74,7 +73,7 @@ def test_log_prob_equals_manual_sum() -> None:
     logp = torch.log_softmax(model(x), dim=2)  # (B, C, K, H, W)
     manual = logp.gather(2, x.unsqueeze(2)).sum(dim=(1, 2, 3, 4))
     torch.testing.assert_close(model.log_prob(x), manual)
-    torch.testing.assert_close(PixelCNN.log_prob_from_logits(model(x), x), manual)
+    torch.testing.assert_close(model.log_prob_from_params(model(x), x), manual)
 
 
 def test_interleaved_logits_follow_channel_groups() -> None:
@@ -116,11 +115,11 @@ def test_a_non_causal_model_would_not_normalise() -> None:
     # The normalisation test can fail: a type-B first layer sees its own pixel.
     torch.manual_seed(0)
     model = PixelCNN(1, 2, hidden_channels=8, num_layers=2, kernel_size=3).double()
-    bad = type(model.net[0])(1, 8, 3, mask_type="B").double()
-    bad.load_state_dict(model.net[0].state_dict())
+    bad = type(model.input_conv)(1, 8, 3, mask_type="B").double()
+    bad.load_state_dict(model.input_conv.state_dict())
     with torch.no_grad():
         bad.weight[:, :, 1, 1] = 1.0  # the centre tap that type A would zero
-    model.net[0] = bad
+    model.input_conv = bad
     probs = model.log_prob(all_images(1, 3, 3)).exp()
     assert abs(probs.sum().item() - 1) > 1e-3
 

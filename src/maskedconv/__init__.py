@@ -1,19 +1,28 @@
-"""maskedconv: masked convolutions and PixelCNNs for autoregressive image models."""
+"""maskedconv: masked convolutions and PixelCNNs for autoregressive image models.
+
+Every public name is here; the modules behind them are private and may change.
+"""
 
 from __future__ import annotations
 
-from .blocks import BottleneckBlock, GroupLayerNorm, ResidualBlock
-from .causality import allowed_dependencies, assert_causal
-from .conv import MaskedConv2d, masked_conv2d
-from .masks import MaskFunction, make_mask, mask_a, mask_b
-from .pixelcnn import PixelCNN, PixelCNNConfig, nll_per_dim
-from .sampling import sample
+from ._blocks import BottleneckBlock, GroupLayerNorm, ResidualBlock
+from ._causality import allowed_dependencies, assert_causal
+from ._conv import MaskedConv2d, masked_conv2d
+from ._heads import Categorical, DiscretizedLogisticMixture
+from ._incremental import IncrementalStep
+from ._masks import MaskFunction, make_mask, mask_a, mask_b
+from ._models import PixelCNN, PixelCNNConfig, nll_per_dim
+from ._sampling import IncrementalEvaluator, sample
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "BottleneckBlock",
+    "Categorical",
+    "DiscretizedLogisticMixture",
     "GroupLayerNorm",
+    "IncrementalEvaluator",
+    "IncrementalStep",
     "MaskFunction",
     "MaskedConv2d",
     "PixelCNN",

@@ -1,6 +1,10 @@
 """Check that a module's outputs depend only on the inputs they may see.
 
 Depends on nothing but torch, so it can check any stack of layers, ours or not.
+Float modules are checked by their exact Jacobian; models of integer images (those
+with an int ``levels`` attribute, like :class:`~maskedconv.PixelCNN`) through their
+public ``forward``, by changing integer values: a gradient cannot pass through an
+embedding lookup, so a Jacobian would be zero there whatever the model does.
 """
 
 from __future__ import annotations
@@ -77,16 +81,21 @@ def assert_causal(
 ) -> None:
     """Raise ``AssertionError`` if any output depends on an input it must not see.
 
-    The module is copied to float64 and its Jacobian at a random input is computed
-    exactly; every entry that the autoregressive order forbids must be exactly zero:
-    output channel o at pixel p may depend only on the same image's inputs at pixels
+    Output channel o at pixel p may depend only on the same image's inputs at pixels
     before p, and at p on input groups ``< group(o)`` (mask type A) or ``<= group(o)``
     (mask type B). Different images of a batch must not depend on each other.
 
+    The module is copied to float64. A float module's Jacobian at a random input is
+    computed exactly, and every entry the order forbids must be exactly zero. A model
+    of integer images (an int ``levels`` attribute, like :class:`~maskedconv.PixelCNN`)
+    is checked through its public ``forward`` instead: at a random image, for every
+    output position and group, all the inputs it must not see are changed to other
+    levels (twice, at random), and its outputs must stay exactly the same; then each
+    image's outputs must stay the same when every other image changes.
+
     Outputs may be ``(B, C_out, H, W)`` or ``(B, C_out, *extra, H, W)`` (e.g. a
     PixelCNN's ``(B, C, K, H, W)`` logits); the group of an output is that of its
-    channel along dim 1. A module whose ``forward`` takes integer images (like
-    :class:`~maskedconv.PixelCNN`) is checked through its ``forward_scaled`` method.
+    channel along dim 1.
 
     Args:
         module: an ``nn.Module`` or a function of one float tensor.
@@ -117,20 +126,26 @@ def assert_causal(
         )
     batch, in_channels, height, width = shape
 
-    fn: Callable[[Tensor], Tensor]
-    if isinstance(module, nn.Module):
-        copied = copy.deepcopy(module).to(torch.float64)
-        fn = getattr(copied, "forward_scaled", copied)
-    else:
-        fn = module
+    levels = getattr(module, "levels", None)
+    if isinstance(module, nn.Module) and isinstance(levels, int):
+        _check_by_changing_values(
+            copy.deepcopy(module).to(torch.float64),
+            shape,
+            levels,
+            mask_type=mask_type,
+            color_groups=color_groups,
+            group_layout=group_layout,
+            seed=seed,
+        )
+        return
+
+    fn: Callable[[Tensor], Tensor] = (
+        copy.deepcopy(module).to(torch.float64) if isinstance(module, nn.Module) else module
+    )
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=generator, dtype=torch.float64)
     out = fn(x)
-    if out.dim() < 4 or out.shape[0] != batch or tuple(out.shape[-2:]) != (height, width):
-        raise ValueError(
-            f"the module's output must be (B={batch}, C_out, ..., H={height}, W={width}), "
-            f"but got {tuple(out.shape)}"
-        )
+    _check_output_shape(out, batch, height, width)
     out_channels = out.shape[1]
     extra = out.shape[2:-2]
     jac: Tensor = torch.autograd.functional.jacobian(  # type: ignore[no-untyped-call]
@@ -174,6 +189,101 @@ def assert_causal(
         f"color_groups={color_groups}, group_layout={group_layout!r} "
         f"(d out / d in = {float(jac[tuple(first)]):.3g})"
     )
+
+
+def _check_by_changing_values(
+    model: nn.Module,
+    shape: tuple[int, int, int, int],
+    levels: int,
+    *,
+    mask_type: str,
+    color_groups: int,
+    group_layout: str,
+    seed: int,
+) -> None:
+    batch, in_channels, height, width = shape
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, levels, shape, generator=generator)
+
+    def changed(where: Tensor) -> Tensor:
+        # Every marked entry moves to another level, chosen at random.
+        shift = torch.randint(1, levels, shape, generator=generator)
+        return torch.where(where, (x + shift) % levels, x)
+
+    with torch.no_grad():
+        base = model(x)
+        _check_output_shape(base, batch, height, width)
+        out_channels = base.shape[1]
+        out_groups = _groups(out_channels, color_groups, group_layout)
+        in_groups = _groups(in_channels, color_groups, group_layout)
+        allowed = allowed_dependencies(
+            out_channels,
+            in_channels,
+            height,
+            width,
+            mask_type=mask_type,
+            color_groups=color_groups,
+            group_layout=group_layout,
+        )  # (C_out, H, W, C_in, H, W)
+
+        def fail(b_out: int, o: int, r: int, c: int, forbidden: Tensor) -> None:
+            # Name one culprit: change the forbidden inputs one at a time.
+            out_index = (b_out, o, ..., r, c)
+            for b_in, i, qr, qc in torch.nonzero(forbidden).tolist():
+                for shift in range(1, min(levels, 4)):
+                    x2 = x.clone()
+                    x2[b_in, i, qr, qc] = (x[b_in, i, qr, qc] + shift) % levels
+                    if not torch.equal(model(x2)[out_index], base[out_index]):
+                        raise AssertionError(
+                            f"output (image {b_out}, channel {o} [group {int(out_groups[o])}], "
+                            f"row {r}, col {c}) depends on input (image {b_in}, channel {i} "
+                            f"[group {int(in_groups[i])}], row {qr}, col {qc}), which it must "
+                            f"not see under mask type {mask_type} with "
+                            f"color_groups={color_groups}, group_layout={group_layout!r} (its "
+                            f"value changed from {int(x[b_in, i, qr, qc])} to "
+                            f"{int(x2[b_in, i, qr, qc])})"
+                        )
+            raise AssertionError(
+                f"output (image {b_out}, channel {o} [group {int(out_groups[o])}], row {r}, "
+                f"col {c}) changes when the inputs it must not see change together, though "
+                f"no single one of them changes it"
+            )
+
+        for r in range(height):
+            for c in range(width):
+                for group in range(color_groups):
+                    outs = torch.nonzero(out_groups == group).flatten()
+                    if not len(outs):
+                        continue
+                    forbidden = ~allowed[int(outs[0]), r, c]  # (C_in, H, W)
+                    if not bool(forbidden.any()):
+                        continue
+                    everywhere = forbidden.expand(batch, -1, -1, -1)
+                    for _ in range(2):
+                        out = model(changed(everywhere))
+                        diff = out[:, outs, ..., r, c] != base[:, outs, ..., r, c]
+                        diff = diff.reshape(batch, len(outs), -1)
+                        if bool(diff.any()):
+                            b_out, k = (int(v) for v in torch.nonzero(diff.any(2))[0])
+                            mine = torch.zeros(shape, dtype=torch.bool)
+                            mine[b_out] = forbidden
+                            fail(b_out, int(outs[k]), r, c, mine)
+        for b in range(batch):
+            others = torch.ones(shape, dtype=torch.bool)
+            others[b] = False
+            for _ in range(2):
+                diff = model(changed(others))[b] != base[b]  # (C_out, ..., H, W)
+                if bool(diff.any()):
+                    o, *_, r, c = (int(v) for v in torch.nonzero(diff)[0])
+                    fail(b, o, r, c, others)
+
+
+def _check_output_shape(out: Tensor, batch: int, height: int, width: int) -> None:
+    if out.dim() < 4 or out.shape[0] != batch or tuple(out.shape[-2:]) != (height, width):
+        raise ValueError(
+            f"the module's output must be (B={batch}, C_out, ..., H={height}, W={width}), "
+            f"but got {tuple(out.shape)}"
+        )
 
 
 def _attr(module: Any, name: str, given: Any, default: Any) -> Any:

@@ -1,7 +1,8 @@
 """Blocks built from :class:`~maskedconv.MaskedConv2d` that keep causality.
 
 Each block maps ``(B, C, H, W)`` to ``(B, C, H, W)`` and, like a type-B layer, lets
-group g at pixel p see groups ``<= g`` at p and everything before p.
+group g at pixel p see groups ``<= g`` at p and everything before p. Each also runs one
+position at a time (``incremental``), for the fast sampler and for decoders.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from .conv import MaskedConv2d
-from .masks import check_group_layout, group_split_error
+from ._conv import MaskedConv2d
+from ._incremental import IncrementalStep, Pointwise, SequentialStep, cache_bytes
+from ._masks import check_group_layout, group_split_error
 
 __all__ = ["BottleneckBlock", "GroupLayerNorm", "ResidualBlock"]
 
@@ -22,10 +24,41 @@ class _SkipBlock(nn.Module):
 
     body: nn.Sequential
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, H, W) -> (B, C, H, W)``."""
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``(B, C, H, W) -> (B, C, H, W)``.
+
+        Args:
+            x: ``(B, C, H, W)``.
+            cond: conditioning input; reserved, must be ``None`` in this release.
+        """
+        if cond is not None:
+            raise ValueError(
+                f"{type(self).__name__} takes no conditioning input yet: cond must be None, "
+                f"but got a {type(cond).__name__}"
+            )
         out: Tensor = x + self.body(x)
         return out
+
+    def incremental(self, batch: int, width: int) -> _SkipStep:
+        """This block evaluated one position at a time; see :class:`IncrementalStep`."""
+        return _SkipStep(SequentialStep(self.body, batch, width))
+
+
+class _SkipStep:
+    def __init__(self, body: SequentialStep) -> None:
+        self.body = body
+
+    def start_row(self, row: int) -> None:
+        self.body.start_row(row)
+
+    def step(self, x: Tensor, col: int) -> Tensor:
+        return x + self.body.step(x, col)
+
+    def write(self, x: Tensor, col: int) -> None:
+        self.body.write(x, col)
+
+    def cache_bytes(self) -> int:
+        return cache_bytes(self.body)
 
 
 class ResidualBlock(_SkipBlock):
@@ -97,19 +130,24 @@ class GroupLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, H, W) -> (B, C, H, W)``."""
-        b, c, h, w = x.shape
+        """``(B, C, *S) -> (B, C, *S)``: an image ``(B, C, H, W)`` or one position ``(B, C)``."""
+        b, c, *spatial = x.shape
         g = self.color_groups
         if self.group_layout == "blocked":
-            grouped = x.reshape(b, g, c // g, h, w)  # (B, G, C/G, H, W)
+            grouped = x.reshape(b, g, c // g, *spatial)  # (B, G, C/G, *S)
             dim = 2
         else:
-            grouped = x.reshape(b, c // g, g, h, w)  # (B, C/G, G, H, W)
+            grouped = x.reshape(b, c // g, g, *spatial)  # (B, C/G, G, *S)
             dim = 1
         mean = grouped.mean(dim, keepdim=True)
         var = grouped.var(dim, unbiased=False, keepdim=True)
-        normed = ((grouped - mean) * torch.rsqrt(var + self.eps)).reshape(b, c, h, w)
-        return normed * self.weight[:, None, None] + self.bias[:, None, None]
+        normed = ((grouped - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
+        trailing = (1,) * len(spatial)
+        return normed * self.weight.view(c, *trailing) + self.bias.view(c, *trailing)
+
+    def incremental(self, batch: int, width: int) -> IncrementalStep:
+        """Normalisation at one position: the same ``forward`` on a ``(B, C)`` vector."""
+        return Pointwise(self.forward)
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,453 @@
+"""The PixelCNN: stem -> trunk -> head.
+
+* stem: how integer images enter (``input="scaled"`` or ``"embedding"``);
+* trunk: the causal layers, a type-A conv, residual blocks, two 1x1 type-B convs;
+* head: the output distribution (``head="categorical"``, ``"dmol"`` or an instance).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._blocks import BottleneckBlock, ResidualBlock
+from ._conv import MaskedConv2d
+from ._heads import HEADS, OutputHead
+from ._incremental import IncrementalStep, NoIncrementalPathError, cache_bytes, step_of
+from ._masks import check_group_layout, group_split_error
+from ._sampling import sample as _sample
+from ._stems import STEMS, EmbeddingInput, ScaledInput
+
+__all__ = ["PixelCNN", "PixelCNNConfig", "nll_per_dim"]
+
+_BLOCKS = {"residual": ResidualBlock, "bottleneck": BottleneckBlock}
+
+
+def _positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, but got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class PixelCNNConfig:
+    """Everything needed to rebuild a :class:`PixelCNN`; plain values, safe to save.
+
+    Defaults are the design blog's binary-MNIST model. A 0.1 config (without the
+    head and input fields) still loads.
+    """
+
+    in_channels: int  # image channels C: 1 for MNIST, 3 for RGB
+    levels: int  # values a sub-pixel takes, K: 2 for binarized, 256 for 8-bit, 512 codes
+    hidden_channels: int = 64  # width of every hidden layer; divisible by color_groups
+    num_layers: int = 5  # the kxk type-A conv plus (num_layers - 1) residual blocks
+    kernel_size: int = 7  # size of the type-A conv and of each block's middle conv
+    color_groups: int | None = None  # None: the head's choice (categorical: C, dmol: 1)
+    group_layout: str = "blocked"  # how channels map to groups; see DESIGN.md
+    block: str = "residual"  # "residual" (design blog) or "bottleneck" (course solution)
+    head: str | OutputHead = "categorical"  # "categorical", "dmol", or an instance
+    num_mixtures: int = 5  # mixture components of the "dmol" head
+    input: str = "scaled"  # "scaled" (ordinal levels) or "embedding" (unordered codes)
+    embedding_dim: int | None = None  # D per channel; None: hidden_channels // in_channels
+
+    def __post_init__(self) -> None:
+        _positive_int("in_channels", self.in_channels)
+        _positive_int("levels", self.levels, 2)
+        _positive_int("hidden_channels", self.hidden_channels)
+        _positive_int("num_layers", self.num_layers)
+        _positive_int("kernel_size", self.kernel_size)
+        if self.kernel_size % 2 == 0:
+            raise ValueError(
+                "kernel_size must be odd so that the kernel has a centre tap, "
+                f"but got {self.kernel_size}"
+            )
+        head = self.make_head()
+        groups = self.groups
+        _positive_int("color_groups", groups)
+        if self.in_channels % groups:
+            raise ValueError(
+                f"color_groups must divide in_channels={self.in_channels}, but got {groups}; "
+                f"use 1 (channels independent given the past) or {self.in_channels} (one group "
+                f"per channel)"
+            )
+        head.check_color_groups(self.in_channels, groups)
+        if not isinstance(self.head, str) and type(head) in HEADS.values():
+            # A library head given as an instance is stored by name: plain values.
+            for name, value in head.config().items():
+                object.__setattr__(self, name, value)
+        check_group_layout(self.group_layout)
+        if self.block not in _BLOCKS:
+            raise ValueError(f"block must be one of {tuple(_BLOCKS)}, but got {self.block!r}")
+        divisor = 2 * groups if self.block == "bottleneck" and self.num_layers > 1 else groups
+        if self.hidden_channels % divisor:
+            text = (
+                f"2 * color_groups = {divisor} (the bottleneck block halves it)"
+                if divisor != groups
+                else None
+            )
+            raise group_split_error("hidden_channels", self.hidden_channels, divisor, text)
+        if self.input not in STEMS:
+            raise ValueError(f"input must be one of {STEMS}, but got {self.input!r}")
+        if self.embedding_dim is not None:
+            if self.input != "embedding":
+                raise ValueError(
+                    f"embedding_dim applies to input='embedding' only, but got "
+                    f"embedding_dim={self.embedding_dim} with input={self.input!r}"
+                )
+            _positive_int("embedding_dim", self.embedding_dim)
+
+    def make_head(self) -> OutputHead:
+        """The output distribution this config names."""
+        if isinstance(self.head, str):
+            if self.head not in HEADS:
+                raise ValueError(
+                    f"head must be one of {tuple(HEADS)} or an output distribution instance, "
+                    f"but got {self.head!r}"
+                )
+            _positive_int("num_mixtures", self.num_mixtures)
+            if self.head == "dmol":
+                return HEADS["dmol"](self.levels, self.num_mixtures)  # type: ignore[call-arg]
+            return HEADS[self.head](self.levels)  # type: ignore[call-arg]
+        head = self.head
+        missing = [
+            n for n in ("num_params", "log_prob", "sample", "levels") if not hasattr(head, n)
+        ]
+        if missing:
+            raise TypeError(
+                f"head must be one of {tuple(HEADS)} or an output distribution instance "
+                f"(with num_params, log_prob, sample and levels), but got "
+                f"{type(head).__name__} without {', '.join(missing)}"
+            )
+        if head.levels != self.levels:
+            raise ValueError(
+                f"head has levels={head.levels}, but the model has levels={self.levels}"
+            )
+        return head
+
+    @property
+    def groups(self) -> int:
+        """The resolved number of colour groups G."""
+        if self.color_groups is not None:
+            return self.color_groups
+        return self.make_head().default_color_groups(self.in_channels)
+
+    @property
+    def stem_dim(self) -> int:
+        """D, the embedding size per channel of the embedding stem."""
+        if self.embedding_dim is not None:
+            return self.embedding_dim
+        return max(1, self.hidden_channels // self.in_channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a dict of plain values (for checkpoints); ``from_config`` takes it."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class PixelCNN(nn.Module):
+    """A PixelCNN over integer images with ``levels`` values per sub-pixel.
+
+    Architecture (van den Oord et al., "Pixel Recurrent Neural Networks", 2016, as in
+    the design blog), stem -> trunk -> head::
+
+        stem                             scaled levels, or a learned embedding per channel
+        kxk conv, type A, C -> h         ReLU
+        (num_layers - 1) x block         [1x1 B -> ReLU -> kxk B -> ReLU -> 1x1 B -> ReLU] + skip
+        1x1 conv, type B, h -> h         ReLU
+        1x1 conv, type B, h -> P         the head's parameters
+        head                             softmax over K levels, or a logistic mixture
+
+    ``block="bottleneck"`` swaps in the Berkeley course solution's block
+    (:class:`~maskedconv.BottleneckBlock`). With ``color_groups = C`` channels are
+    generated in order R -> G -> B within each pixel; with ``color_groups = 1`` they
+    are independent given the previous pixels (or, with ``head="dmol"``, coupled by
+    the head itself).
+
+    Args:
+        in_channels: image channels C.
+        levels: values a sub-pixel takes, K >= 2.
+        hidden_channels: width h of the hidden layers; divisible by ``color_groups``.
+        num_layers: the first conv plus ``num_layers - 1`` blocks.
+        kernel_size: odd size of the type-A conv and the blocks' middle convs.
+        color_groups: ordered channel groups G; ``None``: C for the categorical head,
+            1 for the mixture.
+        group_layout: ``"blocked"`` or ``"interleaved"``.
+        block: ``"residual"`` or ``"bottleneck"``.
+        head: ``"categorical"`` (:class:`~maskedconv.Categorical`), ``"dmol"``
+            (:class:`~maskedconv.DiscretizedLogisticMixture`) or an instance of either.
+        num_mixtures: mixture components M of ``head="dmol"``.
+        input: ``"scaled"`` (levels are intensities, mapped to ``[-1, 1]``) or
+            ``"embedding"`` (levels are unordered codes, each with a learned vector).
+        embedding_dim: D, the embedding size per channel; ``None``:
+            ``hidden_channels // in_channels``.
+
+    Example:
+        >>> model = PixelCNN(1, 2, hidden_channels=16, num_layers=2)
+        >>> x = torch.randint(0, 2, (4, 1, 8, 8))
+        >>> model(x).shape  # (B, C, K, H, W)
+        torch.Size([4, 1, 2, 8, 8])
+        >>> model.log_prob(x).shape
+        torch.Size([4])
+    """
+
+    causal_rows = True
+    """Output rows <= r depend only on input rows <= r, so a sampler may crop below r."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        levels: int,
+        *,
+        hidden_channels: int = 64,
+        num_layers: int = 5,
+        kernel_size: int = 7,
+        color_groups: int | None = None,
+        group_layout: str = "blocked",
+        block: Literal["residual", "bottleneck"] | str = "residual",
+        head: Literal["categorical", "dmol"] | str | OutputHead = "categorical",
+        num_mixtures: int = 5,
+        input: Literal["scaled", "embedding"] | str = "scaled",
+        embedding_dim: int | None = None,
+    ) -> None:
+        arguments = dict(locals())
+        super().__init__()
+        config = PixelCNNConfig(**{f.name: arguments[f.name] for f in fields(PixelCNNConfig)})
+        self.config = config
+        self.in_channels = in_channels
+        self.levels = levels
+        self.color_groups = config.groups
+        self.group_layout = group_layout
+        self.head = config.make_head()
+        opts: dict[str, Any] = dict(color_groups=self.color_groups, group_layout=group_layout)
+        self.stem: ScaledInput | EmbeddingInput = (
+            ScaledInput(levels)
+            if input == "scaled"
+            else EmbeddingInput(in_channels, levels, config.stem_dim, group_layout)
+        )
+        h = hidden_channels
+        stem_channels = self.stem.out_channels(in_channels)
+        self.input_conv = MaskedConv2d(stem_channels, h, kernel_size, mask_type="A", **opts)
+        block_cls = _BLOCKS[block]
+        self.blocks = nn.ModuleList(
+            block_cls(h, kernel_size, **opts) for _ in range(num_layers - 1)
+        )
+        self.hidden_conv = MaskedConv2d(h, h, 1, mask_type="B", **opts)
+        self.output_conv = MaskedConv2d(h, self.head.num_params(in_channels), 1, **opts)
+        self.register_load_state_dict_pre_hook(_load_0_1_keys)  # type: ignore[no-untyped-call]
+
+    @classmethod
+    def from_config(cls, config: PixelCNNConfig | dict[str, Any]) -> PixelCNN:
+        """Build a model from a :class:`PixelCNNConfig` or its ``to_dict()``."""
+        if isinstance(config, dict):
+            config = PixelCNNConfig(**config)
+        return cls(**config.to_dict())
+
+    def _check_images(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, but got {type(x).__name__}")
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(
+                f"x must be an integer image tensor with values in [0, {self.levels}), but got "
+                f"dtype {x.dtype}; quantize first (e.g. x.round().long()), or call "
+                f"forward_features() with the stem's output"
+            )
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x must have shape (B, {self.in_channels}, H, W), but got {tuple(x.shape)}"
+            )
+        if torch.compiler.is_compiling() or x.numel() == 0:
+            return  # a data-dependent check would break the graph
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= self.levels:
+            raise ValueError(
+                f"x must have values in [0, {self.levels}) (levels={self.levels}), but got "
+                f"values in [{lo}, {hi}]"
+            )
+
+    def forward_features(self, h: Tensor) -> Tensor:
+        """The head's parameters from the stem's output.
+
+        Args:
+            h: ``(B, F, H, W)`` float, as ``model.stem(x)`` makes it (``F = C`` for the
+                scaled stem, ``C * D`` for the embedding).
+
+        Returns:
+            The head's parameters: ``(B, C, K, H, W)`` logits for the categorical head,
+            ``(B, P, H, W)`` for the mixture.
+        """
+        h = F.relu(self.input_conv(h))
+        for block in self.blocks:
+            h = block(h)
+        out = self.output_conv(F.relu(self.hidden_conv(h)))  # (B, P, H, W)
+        return self.head.arrange(out, self.in_channels, self.group_layout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The head's parameters at every pixel.
+
+        Args:
+            x: ``(B, C, H, W)`` integer image with values in ``[0, K)``.
+
+        Returns:
+            ``(B, C, K, H, W)`` logits (categorical head) or ``(B, P, H, W)`` mixture
+            parameters; those of sub-pixel (c, i, j) depend only on pixels before
+            (i, j) and on earlier colour groups at (i, j).
+
+        Raises:
+            TypeError: for a float, bool or complex ``x``.
+            ValueError: for a wrong shape or values outside ``[0, K)``.
+        """
+        self._check_images(x)
+        return self.forward_features(self.stem(x))
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``log p(x)`` in nats, one value per image.
+
+        Computed in at least float32, also under autocast.
+
+        Args:
+            x: ``(B, C, H, W)`` integer image with values in ``[0, K)``.
+
+        Returns:
+            ``(B,)`` log-likelihoods in nats. :func:`nll_per_dim` turns them into
+            nats/dim or bits/dim.
+        """
+        return self.log_prob_from_params(self(x), x)
+
+    def log_prob_from_params(self, params: Tensor, x: Tensor) -> Tensor:
+        """``log p(x)`` in nats from parameters already computed, e.g. by a DDP wrapper.
+
+        Args:
+            params: what ``model(x)`` returns.
+            x: ``(B, C, H, W)`` integer image with values in ``[0, K)``.
+
+        Returns:
+            ``(B,)`` log-likelihoods in nats, computed in at least float32.
+        """
+        return self.head.log_prob(params, x).flatten(1).sum(1)
+
+    def incremental(self, batch: int, width: int) -> IncrementalStep:
+        """This model evaluated one pixel at a time, for samplers and decoders.
+
+        The step maps a pixel's integer values ``(B, C)`` to the head's parameters
+        there (``(B, C, K)`` or ``(B, P)``); see :class:`~maskedconv.IncrementalEvaluator`
+        for the public way to drive it.
+
+        Raises:
+            NoIncrementalPathError: if a subclass changes ``forward``, or a layer has no
+                incremental path.
+        """
+        cls = type(self)
+        if (
+            cls.forward is not PixelCNN.forward
+            or cls.forward_features is not PixelCNN.forward_features
+        ):
+            raise NoIncrementalPathError(f"{cls.__name__} overrides forward")
+        return _PixelCNNStep(self, batch, width)
+
+    def sample(
+        self,
+        num_samples: int | None = None,
+        image_size: tuple[int, int] | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        """Draw images; see :func:`maskedconv.sample` for the keyword arguments.
+
+        Args:
+            num_samples: B; omit when completing an image given as ``x=``.
+            image_size: ``(H, W)``; omit when completing an image given as ``x=``.
+            **kwargs: ``generator``, ``temperature``, ``x``, ``known``, ``method``.
+
+        Returns:
+            ``(B, C, H, W)`` int64 images on the model's device.
+        """
+        shape = None
+        if num_samples is not None or image_size is not None:
+            if num_samples is None or image_size is None:
+                raise ValueError(
+                    f"num_samples and image_size go together, but got num_samples={num_samples} "
+                    f"and image_size={image_size}"
+                )
+            height, width = image_size
+            shape = (num_samples, self.in_channels, height, width)
+        return _sample(self, shape, **kwargs)
+
+
+class _PixelCNNStep:
+    """A :class:`PixelCNN` composed of its layers' incremental steps."""
+
+    def __init__(self, model: PixelCNN, batch: int, width: int) -> None:
+        self.model = model
+        self.stem = step_of(model.stem, batch, width)
+        self.input_conv = step_of(model.input_conv, batch, width)
+        self.blocks = [step_of(block, batch, width) for block in model.blocks]
+        self.hidden_conv = step_of(model.hidden_conv, batch, width)
+        self.output_conv = step_of(model.output_conv, batch, width)
+        self.layers = [self.input_conv, *self.blocks, self.hidden_conv, self.output_conv]
+
+    def start_row(self, row: int) -> None:
+        for layer in self.layers:
+            layer.start_row(row)
+
+    def step(self, x: Tensor, col: int) -> Tensor:
+        h = self.input_conv.step(self.stem.step(x, col), col).relu_()
+        for block in self.blocks:
+            h = block.step(h, col)
+        out = self.output_conv.step(self.hidden_conv.step(h, col).relu_(), col)  # (B, P)
+        model = self.model
+        return model.head.arrange(out, model.in_channels, model.group_layout)
+
+    def write(self, x: Tensor, col: int) -> None:
+        # Only the type-A conv sees a pixel's own input, and none of its outputs there
+        # sees the last group: after that group's step, everything else is final.
+        self.input_conv.write(self.stem.step(x, col), col)
+
+    def cache_bytes(self) -> int:
+        """Memory held by the caches, in bytes."""
+        return sum(cache_bytes(layer) for layer in self.layers)
+
+
+def _load_0_1_keys(
+    module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any
+) -> None:
+    """Rename a 0.1 state_dict's ``net.<i>`` keys to the layers they now have."""
+    old = prefix + "net."
+    if not any(key.startswith(old) for key in state_dict):
+        return
+    assert isinstance(module, PixelCNN)
+    # 0.1: net = [type-A conv, ReLU, *blocks, 1x1 conv, ReLU, 1x1 conv]
+    blocks = len(module.blocks)
+    names = {0: "input_conv", blocks + 2: "hidden_conv", blocks + 4: "output_conv"}
+    names.update({2 + i: f"blocks.{i}" for i in range(blocks)})
+    for key in [k for k in state_dict if k.startswith(old)]:
+        index, _, rest = key[len(old) :].partition(".")
+        if index.isdigit() and int(index) in names:
+            state_dict[prefix + names[int(index)] + "." + rest] = state_dict.pop(key)
+
+
+def nll_per_dim(
+    log_prob: Tensor, image_shape: Sequence[int], unit: Literal["nats", "bits"] = "nats"
+) -> Tensor:
+    """Negative log-likelihood per sub-pixel: ``-log p(x) / (C*H*W)``.
+
+    Args:
+        log_prob: log-likelihoods in nats, e.g. ``model.log_prob(x)``; any shape.
+        image_shape: ``(C, H, W)`` or ``(B, C, H, W)`` of the images.
+        unit: ``"nats"`` (what the Berkeley course reports) or ``"bits"``.
+
+    Returns:
+        Tensor of ``log_prob``'s shape.
+    """
+    if unit not in ("nats", "bits"):
+        raise ValueError(f"unit must be 'nats' or 'bits', but got {unit!r}")
+    dims = list(image_shape)[-3:]
+    if len(dims) != 3:
+        raise ValueError(
+            f"image_shape must be (C, H, W) or (B, C, H, W), but got {tuple(image_shape)}"
+        )
+    per_dim = -log_prob / math.prod(dims)
+    return per_dim / math.log(2) if unit == "bits" else per_dim

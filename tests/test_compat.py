@@ -1,0 +1,80 @@
+"""0.1 checkpoints keep working, and the package's structure stays one-way."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+
+import maskedconv
+from maskedconv import PixelCNN, PixelCNNConfig, sample
+
+FIXTURE = Path(__file__).parent / "fixtures" / "pixelcnn_0.1.0.pt"
+SRC = Path(maskedconv.__file__).parent
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["gray_residual", "rgb_blocked_residual", "rgb_interleaved_bottleneck", "rgb_independent"],
+)
+def test_a_0_1_state_dict_loads_and_gives_the_same_log_prob(name: str) -> None:
+    saved = torch.load(FIXTURE, weights_only=True)[name]
+    model = PixelCNN.from_config(saved["config"])  # a 0.1 config: no head or input keys
+    model.load_state_dict(saved["state_dict"])  # strict: every 0.1 key finds its layer
+    torch.testing.assert_close(model(saved["x"]), saved["logits"])
+    torch.testing.assert_close(model.log_prob(saved["x"]), saved["log_prob"])
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    shape = (2, model.in_channels, 3, 3)
+    fast = sample(model, shape, generator=g(), method="cached")
+    assert torch.equal(fast, sample(model, shape, generator=g(), method="naive"))
+
+
+def test_a_0_1_state_dict_with_a_wrong_shape_is_still_refused() -> None:
+    saved = torch.load(FIXTURE, weights_only=True)["gray_residual"]
+    config = dict(saved["config"], hidden_channels=4)
+    with pytest.raises(RuntimeError, match=r"size mismatch for input_conv\.weight"):
+        PixelCNN.from_config(config).load_state_dict(saved["state_dict"])
+
+
+def test_config_fields_are_the_constructor_keywords() -> None:
+    params = list(inspect.signature(PixelCNN.__init__).parameters)[1:]
+    assert params == [f.name for f in fields(PixelCNNConfig)]
+    model = PixelCNN(3, 16, head="dmol", input="embedding", embedding_dim=3, hidden_channels=6)
+    again = PixelCNN.from_config(model.config.to_dict())
+    assert again.config == model.config and again.stem.embedding_dim == 3
+
+
+def test_public_names_only_at_the_top() -> None:
+    modules = [p.stem for p in SRC.glob("*.py") if p.stem != "__init__"]
+    assert all(m.startswith("_") for m in modules), modules
+
+
+def test_import_graph_has_no_cycle() -> None:
+    graph: dict[str, set[str]] = {}
+    for path in SRC.glob("_*.py"):
+        if path.stem == "__init__":
+            continue
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                deps.add(node.module)
+        graph[path.stem] = deps
+    assert "_models" not in graph["_sampling"], "the sampler must not import a model"
+    state: dict[str, int] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        if state.get(name) == 1:
+            raise AssertionError(f"import cycle: {' -> '.join([*trail, name])}")
+        if state.get(name) == 2:
+            return
+        state[name] = 1
+        for dep in graph.get(name, ()):
+            visit(dep, [*trail, name])
+        state[name] = 2
+
+    for name in graph:
+        visit(name, [])
