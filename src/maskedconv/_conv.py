@@ -113,7 +113,7 @@ class MaskedConv2d(nn.Conv2d):
         padding_mode: must be ``"zeros"``: reflected or circular padding copies
             future pixels into the past.
         mask_type: ``"A"``, ``"B"`` or a callable (see
-            :class:`maskedconv.masks.MaskFunction`) returning a 0/1 mask.
+            :class:`maskedconv.MaskFunction`) returning a 0/1 mask.
         color_groups: number of ordered channel groups G (1 for binary or grayscale).
         group_layout: ``"blocked"`` (contiguous thirds for RGB) or ``"interleaved"``
             (channel c in group ``c % G``).
