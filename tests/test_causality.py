@@ -280,6 +280,21 @@ def test_every_head_and_stem_is_causal_through_forward(
         num_mixtures=2,
     )
     assert_causal(model, (2, c, 4, 4))
+    # An independent oracle: change one sub-pixel's value at a time.
+    seen = dependence_by_single_changes(model.double(), k, (c, 4, 4))  # (C_out, H, W, C, H, W)
+    groups = model.color_groups
+    allowed = allowed_dependencies(
+        seen.shape[0], c, 4, 4, mask_type="A", color_groups=groups, group_layout=layout
+    )
+    assert not (seen & ~allowed).any()
+    assert seen[:, 3, 3, :, 3, 2].any() and seen[:, 3, 3, :, 2, 3].any()  # left and above
+    if groups > 1:
+        out_group = torch.arange(seen.shape[0]) // (seen.shape[0] // groups)
+        if layout == "interleaved":
+            out_group = torch.arange(seen.shape[0]) % groups
+        last = out_group == groups - 1
+        assert seen[last, 3, 3][:, :, 3, 3].any()  # B sees R and G at its own pixel
+    model.float()
     # The same model with a type-B first layer sees its own sub-pixel: caught.
     leaky = MaskedConv2d(
         model.input_conv.in_channels,
@@ -293,11 +308,37 @@ def test_every_head_and_stem_is_causal_through_forward(
         leaky.weight.copy_(model.input_conv.weight)
         leaky.weight[:, :, 1, 1] = 0.5
     model.input_conv = leaky
+    leak = dependence_by_single_changes(model.double(), k, (c, 4, 4)) & ~allowed
+    assert leak.any()  # the oracle sees it too
+    model.float()
     with pytest.raises(
         AssertionError,
         match=r"depends on input \(image \d, channel \d \[group \d\], row 0, col 0\)",
     ):
         assert_causal(model, (2, c, 4, 4))
+
+
+def dependence_by_single_changes(model: nn.Module, levels: int, shape: tuple) -> torch.Tensor:
+    """Which outputs move when one input sub-pixel changes, each change alone.
+
+    Every changed image is its own batch entry; returns (C_out, H, W, C, H, W) bool. A
+    float64 conv may sum in another order at another batch size, so "moved" means by
+    more than 1e-9: a real dependence moves an output by far more.
+    """
+    c, h, w = shape
+    x = torch.randint(0, levels, (1, *shape), generator=torch.Generator().manual_seed(2))
+    changed = []
+    for shift in range(1, min(levels, 3)):
+        for index in range(c * h * w):
+            y = x.clone().flatten()
+            y[index] = (y[index] + shift) % levels
+            changed.append(y.view(1, *shape))
+    with torch.no_grad():
+        base = model(x)
+        out = model(torch.cat(changed))  # (N, C_out, *extra, H, W)
+    moved = ((out - base).abs() > 1e-9).reshape(len(changed), out.shape[1], -1, h, w).any(2)
+    moved = moved.view(-1, c * h * w, out.shape[1], h, w).any(0)  # (C*H*W, C_out, H, W)
+    return moved.permute(1, 2, 3, 0).reshape(out.shape[1], h, w, c, h, w)
 
 
 class EmbeddingThenUnmaskedConv(nn.Module):

@@ -253,3 +253,30 @@ def test_heads_given_as_instances_round_trip() -> None:
     again = PixelCNN.from_config(model.config.to_dict())
     assert again.head.num_mixtures == 4 and again.config == model.config
     assert model.config.to_dict()["head"] == "dmol"
+
+
+def test_embedding_stem_memory_is_linear_in_k_with_no_one_hot() -> None:
+    # K = 4096 codes, 64 maps of 32x32: a float32 one-hot would take 1 GiB; the lookup
+    # takes 64 * 8 * 32 * 32 floats (2 MiB) and a 4096 x 8 table. Measured in a fresh
+    # process as the growth of its peak resident memory over forward and backward.
+    code = """
+import resource, torch
+from maskedconv._stems import EmbeddingInput
+stem = EmbeddingInput(1, 4096, 8, "blocked")
+x = torch.randint(0, 4096, (64, 1, 32, 32))
+stem(x[:1]).sum().backward()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = stem(x)
+out.square().sum().backward()
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert out.shape == (64, 8, 32, 32)
+print((after - before) / 1024)
+"""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    grown_mib = float(result.stdout.strip())
+    assert grown_mib < 64, f"peak memory grew by {grown_mib:.0f} MiB"
