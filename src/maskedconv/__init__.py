@@ -6,8 +6,9 @@ Every public name is here; the modules behind them are private and may change.
 from __future__ import annotations
 
 from ._blocks import BottleneckBlock, GroupLayerNorm, ResidualBlock
-from ._causality import allowed_dependencies, assert_causal
+from ._causality import allowed_dependencies, assert_causal, receptive_field
 from ._conv import MaskedConv2d, masked_conv2d
+from ._gated import GatedPixelCNN, GatedPixelCNNConfig
 from ._heads import Categorical, DiscretizedLogisticMixture
 from ._incremental import IncrementalStep
 from ._masks import MaskFunction, make_mask, mask_a, mask_b
@@ -20,6 +21,8 @@ __all__ = [
     "BottleneckBlock",
     "Categorical",
     "DiscretizedLogisticMixture",
+    "GatedPixelCNN",
+    "GatedPixelCNNConfig",
     "GroupLayerNorm",
     "IncrementalEvaluator",
     "IncrementalStep",
@@ -35,5 +38,6 @@ __all__ = [
     "mask_b",
     "masked_conv2d",
     "nll_per_dim",
+    "receptive_field",
     "sample",
 ]

@@ -12,6 +12,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from ._conditioning import BiasAt, ConditionBias, Conditioning, make_condition_bias
 from ._conv import MaskedConv2d
 from ._incremental import IncrementalStep, Pointwise, SequentialStep, cache_bytes
 from ._masks import check_group_layout, group_split_error
@@ -20,28 +21,56 @@ __all__ = ["BottleneckBlock", "GroupLayerNorm", "ResidualBlock"]
 
 
 class _SkipBlock(nn.Module):
-    """``x + self.body(x)``: the skip is added here, once."""
+    """``x + self.body(x)``: the skip is added here, once.
+
+    With conditioning, the bias is added to the body's output at ``_cond_at`` (after
+    the kxk conv, before its nonlinearity).
+    """
 
     body: nn.Sequential
+    condition: ConditionBias | None
+    _cond_at: int
 
-    def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cond: Conditioning | None = None) -> Tensor:
         """``(B, C, H, W) -> (B, C, H, W)``.
 
         Args:
             x: ``(B, C, H, W)``.
-            cond: conditioning input; reserved, must be ``None`` in this release.
+            cond: the model's conditioning; required if and only if the block was built
+                with ``num_classes`` or ``cond_channels``.
         """
-        if cond is not None:
-            raise ValueError(
-                f"{type(self).__name__} takes no conditioning input yet: cond must be None, "
-                f"but got a {type(cond).__name__}"
-            )
-        out: Tensor = x + self.body(x)
-        return out
+        if self.condition is None:
+            if cond is not None:
+                raise ValueError(
+                    f"{type(self).__name__} was built without conditioning: cond must be None"
+                )
+            out: Tensor = x + self.body(x)
+            return out
+        if cond is None:
+            raise ValueError(f"{type(self).__name__} was built with conditioning: pass cond=")
+        layers = list(self.body)
+        h = x
+        for layer in layers[: self._cond_at]:
+            h = layer(h)
+        h = h + self.condition(cond)
+        for layer in layers[self._cond_at :]:
+            h = layer(h)
+        return torch.add(x, h)
 
-    def incremental(self, batch: int, width: int) -> _SkipStep:
+    def incremental(
+        self, batch: int, width: int, cond: Conditioning | None = None
+    ) -> IncrementalStep:
         """This block evaluated one position at a time; see :class:`IncrementalStep`."""
-        return _SkipStep(SequentialStep(self.body, batch, width))
+        if self.condition is None:
+            return _SkipStep(SequentialStep(self.body, batch, width))
+        if cond is None:
+            raise ValueError(f"{type(self).__name__} was built with conditioning: pass cond=")
+        layers = list(self.body)
+        return _ConditionedSkipStep(
+            SequentialStep(layers[: self._cond_at], batch, width),
+            BiasAt(self.condition(cond)),
+            SequentialStep(layers[self._cond_at :], batch, width),
+        )
 
 
 class _SkipStep:
@@ -61,6 +90,26 @@ class _SkipStep:
         return cache_bytes(self.body)
 
 
+class _ConditionedSkipStep:
+    def __init__(self, before: SequentialStep, bias: BiasAt, after: SequentialStep) -> None:
+        self.before, self.bias, self.after = before, bias, after
+
+    def start_row(self, row: int) -> None:
+        self.before.start_row(row)
+        self.bias.start_row(row)
+        self.after.start_row(row)
+
+    def step(self, x: Tensor, col: int) -> Tensor:
+        h = self.before.step(x, col) + self.bias.at(col)
+        return x + self.after.step(h, col)
+
+    def write(self, x: Tensor, col: int) -> None:
+        self.before.write(x, col)
+
+    def cache_bytes(self) -> int:
+        return cache_bytes(self.before) + cache_bytes(self.after)
+
+
 class ResidualBlock(_SkipBlock):
     """The PixelCNN residual block: ``x + relu(B1x1(relu(Bkxk(relu(B1x1(x))))))``.
 
@@ -73,7 +122,12 @@ class ResidualBlock(_SkipBlock):
         kernel_size: odd size of the middle convolution.
         color_groups: number of ordered channel groups G.
         group_layout: ``"blocked"`` or ``"interleaved"``.
+        num_classes: N, to condition on class labels (a learned bias per class, added
+            after the kxk conv).
+        cond_channels: M, to condition on a map (a learned 1x1 projection, added there).
     """
+
+    _cond_at = 3
 
     def __init__(
         self,
@@ -82,11 +136,14 @@ class ResidualBlock(_SkipBlock):
         *,
         color_groups: int = 1,
         group_layout: str = "blocked",
+        num_classes: int | None = None,
+        cond_channels: int | None = None,
     ) -> None:
         super().__init__()
         conv = partial(
             MaskedConv2d, mask_type="B", color_groups=color_groups, group_layout=group_layout
         )
+        self.condition = make_condition_bias(channels, num_classes, cond_channels)
         self.body = nn.Sequential(
             conv(channels, channels, 1),
             nn.ReLU(),
@@ -167,7 +224,12 @@ class BottleneckBlock(_SkipBlock):
         kernel_size: odd size of the middle convolution.
         color_groups: number of ordered channel groups G.
         group_layout: ``"blocked"`` or ``"interleaved"``.
+        num_classes: N, to condition on class labels (a learned bias per class, added
+            after the kxk conv).
+        cond_channels: M, to condition on a map (a learned 1x1 projection, added there).
     """
+
+    _cond_at = 5
 
     def __init__(
         self,
@@ -176,6 +238,8 @@ class BottleneckBlock(_SkipBlock):
         *,
         color_groups: int = 1,
         group_layout: str = "blocked",
+        num_classes: int | None = None,
+        cond_channels: int | None = None,
     ) -> None:
         super().__init__()
         if channels % (2 * color_groups):
@@ -186,6 +250,7 @@ class BottleneckBlock(_SkipBlock):
                 f"2 * color_groups = {2 * color_groups} (the bottleneck halves it)",
             )
         half = channels // 2
+        self.condition = make_condition_bias(half, num_classes, cond_channels)
         conv = partial(
             MaskedConv2d, mask_type="B", color_groups=color_groups, group_layout=group_layout
         )

@@ -1,4 +1,4 @@
-"""Check that a module's outputs depend only on the inputs they may see.
+"""Check that a module's outputs depend only on the inputs they may see, and see them.
 
 Depends on nothing but torch, so it can check any stack of layers, ours or not.
 Float modules are checked by their exact Jacobian; models of integer images (those
@@ -10,13 +10,19 @@ embedding lookup, so a Jacobian would be zero there whatever the model does.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+import types
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["allowed_dependencies", "assert_causal"]
+__all__ = ["allowed_dependencies", "assert_causal", "receptive_field"]
+
+_JACOBIAN_LIMIT = 2 << 30  # bytes a Jacobian may take before the check refuses
 
 
 def _groups(channels: int, color_groups: int, group_layout: str) -> Tensor:
@@ -70,6 +76,141 @@ def allowed_dependencies(
     return allowed.expand(out_channels, height, width, in_channels, height, width)
 
 
+class _Rule:
+    """The order to check against, resolved from the arguments and the module."""
+
+    def __init__(self, mask_type: str, color_groups: int, group_layout: str) -> None:
+        self.mask_type = mask_type
+        self.color_groups = color_groups
+        self.group_layout = group_layout
+
+    @classmethod
+    def resolve(
+        cls,
+        module: Any,
+        mask_type: str | None,
+        color_groups: int | None,
+        group_layout: str | None,
+    ) -> _Rule:
+        if mask_type is None:
+            mask_type = _found(module, "mask_type", ("A", "B"))
+            if _integer_model(module):
+                mask_type = "A"  # a model's output never sees its own sub-pixel
+            elif mask_type is None:
+                # A stack of layers: strict (A) if any layer is A, else B; else A.
+                kinds = {getattr(m, "mask_type", None) for m in _submodules(module)}
+                mask_type = "B" if kinds & {"A", "B"} == {"B"} else "A"
+        elif mask_type not in ("A", "B"):
+            raise ValueError(f"mask_type must be 'A' or 'B', but got {mask_type!r}")
+        if color_groups is None:
+            color_groups = _found(module, "color_groups", None)
+            if color_groups is None:  # e.g. an nn.Sequential of G = 3 layers
+                found = [getattr(m, "color_groups", None) for m in _submodules(module)]
+                color_groups = max([g for g in found if isinstance(g, int)], default=1)
+        if isinstance(color_groups, bool) or not isinstance(color_groups, int) or color_groups < 1:
+            raise ValueError(f"color_groups must be a positive int, but got {color_groups!r}")
+        if group_layout is None:
+            group_layout = _found(module, "group_layout", None)
+            if group_layout is None:
+                layouts = {getattr(m, "group_layout", None) for m in _submodules(module)} - {None}
+                group_layout = layouts.pop() if len(layouts) == 1 else "blocked"
+        if group_layout not in ("blocked", "interleaved"):
+            raise ValueError(
+                f"group_layout must be one of ('blocked', 'interleaved'), but got {group_layout!r}"
+            )
+        return cls(mask_type, color_groups, group_layout)
+
+    def allowed(self, out_channels: int, in_channels: int, height: int, width: int) -> Tensor:
+        """``(C_out, H, W, C_in, H, W)``: what each output may see in its own image."""
+        return allowed_dependencies(
+            out_channels,
+            in_channels,
+            height,
+            width,
+            mask_type=self.mask_type,
+            color_groups=self.color_groups,
+            group_layout=self.group_layout,
+        )
+
+    def describe(self) -> str:
+        return (
+            f"mask type {self.mask_type} with color_groups={self.color_groups}, "
+            f"group_layout={self.group_layout!r}"
+        )
+
+    def name(self, kind: str, b: int, channel: int, channels: int, r: int, c: int) -> str:
+        group = int(_groups(channels, self.color_groups, self.group_layout)[channel])
+        return f"{kind} (image {b}, channel {channel} [group {group}], row {r}, col {c})"
+
+
+def _found(module: Any, name: str, valid: tuple[str, ...] | None) -> Any:
+    value = getattr(module, name, None)
+    if value is None or (valid is not None and value not in valid):
+        return None
+    return value
+
+
+def _submodules(module: Any) -> list[Any]:
+    return list(module.modules()) if isinstance(module, nn.Module) else []
+
+
+def _integer_model(module: Any) -> bool:
+    return isinstance(module, nn.Module) and isinstance(getattr(module, "levels", None), int)
+
+
+class _Subject:
+    """The thing checked: a function of one input, its input kind, its forward kwargs."""
+
+    def __init__(
+        self,
+        module: nn.Module | Callable[..., Tensor],
+        shape: tuple[int, int, int, int],
+        kwargs: dict[str, Tensor],
+        dtype: torch.dtype,
+    ) -> None:
+        self.shape = shape
+        self.kwargs = kwargs
+        self.dtype = dtype
+        self.levels: int | None = (
+            getattr(module, "levels", None) if _integer_model(module) else None
+        )
+        if isinstance(module, nn.Module):
+            self.fn: Callable[..., Tensor] = copy.deepcopy(module).to(dtype)
+        else:
+            self.fn = module
+
+    def __call__(self, x: Tensor) -> Tensor:
+        batch = x.shape[0]
+        kwargs = {k: _tile(v, batch // self.shape[0]) for k, v in self.kwargs.items()}
+        if not self.levels:
+            x = x.to(self.dtype)
+        return self.fn(x, **kwargs)
+
+    def random_input(self, generator: torch.Generator) -> Tensor:
+        if self.levels:
+            return torch.randint(0, self.levels, self.shape, generator=generator)
+        return torch.randn(self.shape, generator=generator, dtype=self.dtype)
+
+
+def _tile(value: Tensor, times: int) -> Tensor:
+    if times == 1:
+        return value
+    return value.repeat(times, *(1,) * (value.dim() - 1))
+
+
+@contextmanager
+def _mode(module: Any, training: bool) -> Iterator[None]:
+    if not isinstance(module, nn.Module):
+        yield
+        return
+    was = module.training
+    module.train(training)
+    try:
+        yield
+    finally:
+        module.train(was)
+
+
 def assert_causal(
     module: nn.Module | Callable[[Tensor], Tensor],
     input_shape: Sequence[int],
@@ -78,6 +219,9 @@ def assert_causal(
     color_groups: int | None = None,
     group_layout: str | None = None,
     seed: int = 0,
+    complete: bool = False,
+    labels: Tensor | None = None,
+    cond: Tensor | None = None,
 ) -> None:
     """Raise ``AssertionError`` if any output depends on an input it must not see.
 
@@ -85,13 +229,24 @@ def assert_causal(
     before p, and at p on input groups ``< group(o)`` (mask type A) or ``<= group(o)``
     (mask type B). Different images of a batch must not depend on each other.
 
-    The module is copied to float64. A float module's Jacobian at a random input is
-    computed exactly, and every entry the order forbids must be exactly zero. A model
-    of integer images (an int ``levels`` attribute, like :class:`~maskedconv.PixelCNN`)
-    is checked through its public ``forward`` instead: at a random image, for every
-    output position and group, all the inputs it must not see are changed to other
-    levels (twice, at random), and its outputs must stay exactly the same; then each
-    image's outputs must stay the same when every other image changes.
+    How it checks:
+
+    * a float module: its exact Jacobian at two random inputs; every entry the order
+      forbids must be exactly zero;
+    * a model of integer images (an int ``levels`` attribute, like
+      :class:`~maskedconv.PixelCNN`), through its public ``forward``: at a random image,
+      for every output position and group, all the inputs it must not see are changed
+      to other levels (twice, at random) and its outputs must stay exactly the same;
+      then each image's outputs must stay the same when every other image changes;
+    * in the module's own dtype and in float64, in training and in eval mode (the
+      module's mode is restored), with at least 2 images (a batch of 1 cannot show a
+      leak between images);
+    * a module on which no output depends on any input fails: the check would pass
+      vacuously (a dead network, a Jacobian blocked by ``.detach()`` or a lookup);
+    * ``complete=True`` also fails where an input that the order allows, and that the
+      module's kernels reach (the same module with every mask removed depends on it),
+      has no influence: a blind spot or a dead path. The plain :class:`PixelCNN` fails
+      it (its blind spot); :class:`GatedPixelCNN` passes.
 
     Outputs may be ``(B, C_out, H, W)`` or ``(B, C_out, *extra, H, W)`` (e.g. a
     PixelCNN's ``(B, C, K, H, W)`` logits); the group of an output is that of its
@@ -101,157 +256,227 @@ def assert_causal(
         module: an ``nn.Module`` or a function of one float tensor.
         input_shape: ``(B, C, H, W)`` or ``(C, H, W)`` of the input to check at.
         mask_type: ``"A"`` (strict: a sub-pixel's output never sees its own group) or
-            ``"B"``; defaults to ``module.mask_type`` when that is ``"A"``/``"B"``, else ``"A"``.
-        color_groups: G; defaults to ``module.color_groups``, else 1.
-        group_layout: defaults to ``module.group_layout``, else ``"blocked"``.
-        seed: seed of the random input.
+            ``"B"``; defaults to A for a model of integer images, else
+            ``module.mask_type``, else A if any layer inside is type A, B if all are B,
+            else A.
+        color_groups: G; defaults to ``module.color_groups``, else the largest of the
+            layers' inside, else 1.
+        group_layout: defaults to ``module.group_layout``, else the layers', else
+            ``"blocked"``.
+        seed: seed of the random inputs.
+        complete: also require every allowed, reachable input to have influence.
+        labels: class labels for a conditioned model, passed to ``forward``.
+        cond: a conditioning map for a conditioned model, passed to ``forward``.
 
     Raises:
         AssertionError: naming the first offending output (in raster order) and input.
+        ValueError: for a bad shape or argument, an input shape whose channels differ
+            from the module's, or a Jacobian that would need more than 2 GiB.
+
+    Warns:
+        UserWarning: if the image is smaller than the reach of the module's kernels,
+            so that a leak at a far tap could go unseen.
 
     Example:
-        >>> assert_causal(PixelCNN(3, 4, hidden_channels=12, num_layers=2), (1, 3, 5, 5))
+        >>> assert_causal(PixelCNN(3, 4, hidden_channels=12, num_layers=2), (2, 3, 5, 5))
     """
-    mask_type = _attr(module, "mask_type", mask_type, "A")
-    if mask_type not in ("A", "B"):
-        mask_type = "A"
-    color_groups = int(_attr(module, "color_groups", color_groups, 1))
-    group_layout = str(_attr(module, "group_layout", group_layout, "blocked"))
+    rule = _Rule.resolve(module, mask_type, color_groups, group_layout)
+    shape = _check_shape(module, input_shape)
+    if shape[0] == 1:
+        shape = (2, *shape[1:])  # a leak between images needs two of them
+    kwargs = _forward_kwargs(labels, cond, shape[0])
+    _warn_if_smaller_than_reach(module, shape)
+    own = _own_dtype(module)
+    for dtype in dict.fromkeys((own, torch.float64)):
+        for training in (_is_training(module), not _is_training(module)):
+            with _mode(module, training):
+                subject = _Subject(module, shape, kwargs, dtype)
+            if subject.levels:
+                _check_by_changing_values(subject, rule, seed)
+            else:
+                _check_jacobian(subject, rule, seed)
+            if not isinstance(module, nn.Module):
+                break
+    if complete:
+        _check_complete(module, shape, kwargs, rule, seed)
+
+
+def _is_training(module: Any) -> bool:
+    return bool(getattr(module, "training", False))
+
+
+def _own_dtype(module: Any) -> torch.dtype:
+    if isinstance(module, nn.Module):
+        for p in module.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return torch.float32
+
+
+def _check_shape(module: Any, input_shape: Sequence[int]) -> tuple[int, int, int, int]:
     shape = tuple(input_shape)
     if len(shape) == 3:
         shape = (1, *shape)
-    if len(shape) != 4:
+    if len(shape) != 4 or any(
+        isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape
+    ):
         raise ValueError(
-            f"input_shape must be (B, C, H, W) or (C, H, W), but got {tuple(input_shape)}"
+            f"input_shape must be (B, C, H, W) or (C, H, W) of positive ints, but got "
+            f"{tuple(input_shape)}"
         )
-    batch, in_channels, height, width = shape
-
-    levels = getattr(module, "levels", None)
-    if isinstance(module, nn.Module) and isinstance(levels, int):
-        _check_by_changing_values(
-            copy.deepcopy(module).to(torch.float64),
-            shape,
-            levels,
-            mask_type=mask_type,
-            color_groups=color_groups,
-            group_layout=group_layout,
-            seed=seed,
+    expected = getattr(module, "in_channels", None)
+    if isinstance(expected, int) and shape[1] != expected:
+        raise ValueError(
+            f"input_shape must have {expected} channels, the module's in_channels, but got "
+            f"{shape[1]} in {tuple(input_shape)}"
         )
-        return
+    return shape
 
-    fn: Callable[[Tensor], Tensor] = (
-        copy.deepcopy(module).to(torch.float64) if isinstance(module, nn.Module) else module
-    )
+
+def _forward_kwargs(labels: Tensor | None, cond: Tensor | None, batch: int) -> dict[str, Tensor]:
+    kwargs: dict[str, Tensor] = {}
+    for name, value in (("labels", labels), ("cond", cond)):
+        if value is None:
+            continue
+        if len(value) == 1 and batch > 1:
+            value = _tile(value, batch)
+        if len(value) != batch:
+            raise ValueError(
+                f"{name} must hold one entry per image ({batch}, or 1 to share), but got "
+                f"{len(value)}"
+            )
+        kwargs[name] = value
+    return kwargs
+
+
+def _warn_if_smaller_than_reach(module: Any, shape: tuple[int, int, int, int]) -> None:
+    rows = cols = 0
+    for m in _submodules(module):
+        kernel, dilation = getattr(m, "kernel_size", None), getattr(m, "dilation", None)
+        if isinstance(kernel, tuple) and isinstance(dilation, tuple) and len(kernel) == 2:
+            rows += dilation[0] * (kernel[0] - 1) // 2
+            cols += dilation[1] * (kernel[1] - 1) // 2
+    height, width = shape[2:]
+    if height <= rows or width <= 2 * cols:
+        warnings.warn(
+            f"input_shape {shape} is smaller than the reach of the module's kernels "
+            f"({rows} rows up, {cols} columns each side): a leak at a far tap may go unseen; "
+            f"check at H >= {rows + 1} and W >= {2 * cols + 1}",
+            stacklevel=3,
+        )
+
+
+def _check_jacobian(subject: _Subject, rule: _Rule, seed: int) -> None:
+    batch, in_channels, height, width = subject.shape
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=generator, dtype=torch.float64)
-    out = fn(x)
-    _check_output_shape(out, batch, height, width)
-    out_channels = out.shape[1]
-    extra = out.shape[2:-2]
-    jac: Tensor = torch.autograd.functional.jacobian(  # type: ignore[no-untyped-call]
-        fn, x, vectorize=True
-    )  # out.shape + x.shape
-    # (B, C_out, *extra, H, W, B, C_in, H, W) -> (C_out, extra..., H, W, B, B, C_in, H, W)
-    jac = jac.reshape(batch, out_channels, -1, height, width, batch, in_channels, height, width)
-    jac = jac.permute(1, 2, 3, 4, 0, 5, 6, 7, 8)
+    seen_any = False
+    for _ in range(2):
+        x = subject.random_input(generator)
+        out = subject(x)
+        _check_output_shape(out, batch, height, width)
+        needed = out.numel() * x.numel() * out.element_size()
+        if needed > _JACOBIAN_LIMIT:
+            raise ValueError(
+                f"the Jacobian at input_shape {subject.shape} would take "
+                f"{needed / 2**30:.1f} GiB (output {tuple(out.shape)} x input "
+                f"{tuple(x.shape)}); check at a smaller shape (the reach of the kernels is "
+                f"enough) or with fewer output channels"
+            )
+        out_channels = out.shape[1]
+        extra = out.shape[2:-2]
+        jac: Tensor = torch.autograd.functional.jacobian(  # type: ignore[no-untyped-call]
+            subject, x, vectorize=True
+        )  # out.shape + x.shape
+        # (B, C_out, *extra, H, W, B, C_in, H, W) -> (C_out, extra, H, W, B, B, C_in, H, W)
+        jac = jac.reshape(batch, out_channels, -1, height, width, batch, in_channels, height, width)
+        jac = jac.permute(1, 2, 3, 4, 0, 5, 6, 7, 8)
+        seen_any = seen_any or bool((jac != 0).any())
+        allowed = rule.allowed(out_channels, in_channels, height, width)
+        same_image = torch.eye(batch, dtype=torch.bool)
+        allowed_full = (
+            allowed[:, None, :, :, None, None, :, :, :]
+            & same_image[None, None, None, None, :, :, None, None, None]
+        )
+        bad = (jac != 0) & ~allowed_full
+        if bool(bad.any()):
+            # First offence in raster order of the output pixel, then group order.
+            out_groups = _groups(out_channels, rule.color_groups, rule.group_layout)
+            hits = torch.nonzero(bad)
+            keys = [
+                (int(r), int(c), int(out_groups[o]), int(o), int(e))
+                for o, e, r, c in hits[:, :4].tolist()
+            ]
+            first = hits[min(range(len(keys)), key=keys.__getitem__)].tolist()
+            o, e, r, c, b_out, b_in, i, qr, qc = first
+            output = rule.name("output", b_out, o, out_channels, r, c)
+            if extra:
+                output = output[:-1] + f", index {e} of dims {tuple(extra)})"
+            raise AssertionError(
+                f"{output} depends on {rule.name('input', b_in, i, in_channels, qr, qc)}, "
+                f"which it must not see under {rule.describe()} "
+                f"(d out / d in = {float(jac[tuple(first)]):.3g}, in {subject.dtype})"
+            )
+    if not seen_any:
+        raise AssertionError(_VACUOUS)
 
-    allowed = allowed_dependencies(
-        out_channels,
-        in_channels,
-        height,
-        width,
-        mask_type=mask_type,
-        color_groups=color_groups,
-        group_layout=group_layout,
-    )  # (C_out, H, W, C_in, H, W)
-    same_image = torch.eye(batch, dtype=torch.bool)
-    allowed_full = (
-        allowed[:, None, :, :, None, None, :, :, :]
-        & same_image[None, None, None, None, :, :, None, None, None]
-    )
-    bad = (jac != 0) & ~allowed_full
-    if not bool(bad.any()):
-        return
-    # First offence in raster order of the output pixel, then group order.
-    out_groups = _groups(out_channels, color_groups, group_layout)
-    in_groups = _groups(in_channels, color_groups, group_layout)
-    hits = torch.nonzero(bad)
-    keys = [
-        (int(r), int(c), int(out_groups[o]), int(o), int(e)) for o, e, r, c in hits[:, :4].tolist()
-    ]
-    first = hits[min(range(len(keys)), key=keys.__getitem__)].tolist()
-    o, e, r, c, b_out, b_in, i, qr, qc = first
-    extra_text = f", index {e} of dims {tuple(extra)}" if extra else ""
-    raise AssertionError(
-        f"output (image {b_out}, channel {o} [group {int(out_groups[o])}]{extra_text}, row {r}, "
-        f"col {c}) depends on input (image {b_in}, channel {i} [group {int(in_groups[i])}], "
-        f"row {qr}, col {qc}), which it must not see under mask type {mask_type} with "
-        f"color_groups={color_groups}, group_layout={group_layout!r} "
-        f"(d out / d in = {float(jac[tuple(first)]):.3g})"
-    )
+
+_VACUOUS = (
+    "no output depends on any input at two random inputs: the check would pass vacuously "
+    "(a dead network, a .detach() or a lookup that blocks the gradient?); a model of "
+    "integer images needs an int `levels` attribute to be checked through its forward"
+)
 
 
-def _check_by_changing_values(
-    model: nn.Module,
-    shape: tuple[int, int, int, int],
-    levels: int,
-    *,
-    mask_type: str,
-    color_groups: int,
-    group_layout: str,
-    seed: int,
-) -> None:
-    batch, in_channels, height, width = shape
+def _check_by_changing_values(subject: _Subject, rule: _Rule, seed: int) -> None:
+    batch, in_channels, height, width = subject.shape
+    levels = subject.levels
+    assert levels
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, levels, shape, generator=generator)
+    x = subject.random_input(generator)
 
     def changed(where: Tensor) -> Tensor:
         # Every marked entry moves to another level, chosen at random.
-        shift = torch.randint(1, levels, shape, generator=generator)
+        shift = torch.randint(1, levels, x.shape, generator=generator)
         return torch.where(where, (x + shift) % levels, x)
 
     with torch.no_grad():
-        base = model(x)
+        base = subject(x)
         _check_output_shape(base, batch, height, width)
         out_channels = base.shape[1]
-        out_groups = _groups(out_channels, color_groups, group_layout)
-        in_groups = _groups(in_channels, color_groups, group_layout)
-        allowed = allowed_dependencies(
-            out_channels,
-            in_channels,
-            height,
-            width,
-            mask_type=mask_type,
-            color_groups=color_groups,
-            group_layout=group_layout,
-        )  # (C_out, H, W, C_in, H, W)
+        out_groups = _groups(out_channels, rule.color_groups, rule.group_layout)
+        allowed = rule.allowed(out_channels, in_channels, height, width)
+        everything = torch.ones(x.shape, dtype=torch.bool)
+        if torch.equal(subject(changed(everything)), base) and torch.equal(
+            subject(changed(everything)), base
+        ):
+            raise AssertionError(
+                _VACUOUS.replace("at two random inputs", "when every input changes")
+            )
 
         def fail(b_out: int, o: int, r: int, c: int, forbidden: Tensor) -> None:
             # Name one culprit: change the forbidden inputs one at a time.
             out_index = (b_out, o, ..., r, c)
+            output = rule.name("output", b_out, o, out_channels, r, c)
             for b_in, i, qr, qc in torch.nonzero(forbidden).tolist():
                 for shift in range(1, min(levels, 4)):
                     x2 = x.clone()
                     x2[b_in, i, qr, qc] = (x[b_in, i, qr, qc] + shift) % levels
-                    if not torch.equal(model(x2)[out_index], base[out_index]):
+                    if not torch.equal(subject(x2)[out_index], base[out_index]):
                         raise AssertionError(
-                            f"output (image {b_out}, channel {o} [group {int(out_groups[o])}], "
-                            f"row {r}, col {c}) depends on input (image {b_in}, channel {i} "
-                            f"[group {int(in_groups[i])}], row {qr}, col {qc}), which it must "
-                            f"not see under mask type {mask_type} with "
-                            f"color_groups={color_groups}, group_layout={group_layout!r} (its "
-                            f"value changed from {int(x[b_in, i, qr, qc])} to "
-                            f"{int(x2[b_in, i, qr, qc])})"
+                            f"{output} depends on "
+                            f"{rule.name('input', b_in, i, in_channels, qr, qc)}, which it must "
+                            f"not see under {rule.describe()} (its value changed from "
+                            f"{int(x[b_in, i, qr, qc])} to {int(x2[b_in, i, qr, qc])}, in "
+                            f"{subject.dtype})"
                         )
             raise AssertionError(
-                f"output (image {b_out}, channel {o} [group {int(out_groups[o])}], row {r}, "
-                f"col {c}) changes when the inputs it must not see change together, though "
-                f"no single one of them changes it"
+                f"{output} changes when the inputs it must not see change together, though "
+                f"no single one of them changes it (in {subject.dtype})"
             )
 
         for r in range(height):
             for c in range(width):
-                for group in range(color_groups):
+                for group in range(rule.color_groups):
                     outs = torch.nonzero(out_groups == group).flatten()
                     if not len(outs):
                         continue
@@ -260,19 +485,19 @@ def _check_by_changing_values(
                         continue
                     everywhere = forbidden.expand(batch, -1, -1, -1)
                     for _ in range(2):
-                        out = model(changed(everywhere))
+                        out = subject(changed(everywhere))
                         diff = out[:, outs, ..., r, c] != base[:, outs, ..., r, c]
                         diff = diff.reshape(batch, len(outs), -1)
                         if bool(diff.any()):
                             b_out, k = (int(v) for v in torch.nonzero(diff.any(2))[0])
-                            mine = torch.zeros(shape, dtype=torch.bool)
+                            mine = torch.zeros(x.shape, dtype=torch.bool)
                             mine[b_out] = forbidden
                             fail(b_out, int(outs[k]), r, c, mine)
         for b in range(batch):
-            others = torch.ones(shape, dtype=torch.bool)
+            others = torch.ones(x.shape, dtype=torch.bool)
             others[b] = False
             for _ in range(2):
-                diff = model(changed(others))[b] != base[b]  # (C_out, ..., H, W)
+                diff = subject(changed(others))[b] != base[b]  # (C_out, ..., H, W)
                 if bool(diff.any()):
                     o, *_, r, c = (int(v) for v in torch.nonzero(diff)[0])
                     fail(b, o, r, c, others)
@@ -286,8 +511,148 @@ def _check_output_shape(out: Tensor, batch: int, height: int, width: int) -> Non
         )
 
 
-def _attr(module: Any, name: str, given: Any, default: Any) -> Any:
-    if given is not None:
-        return given
-    value = getattr(module, name, default)
-    return default if value is None else value
+# --- influence: receptive fields and completeness ------------------------------------
+
+
+def _dependence(
+    module: nn.Module | Callable[..., Tensor],
+    shape: tuple[int, int, int, int],
+    kwargs: dict[str, Tensor],
+    seed: int,
+    trials: int = 2,
+) -> Tensor:
+    """Which inputs of image 0 move which of its outputs: ``(C_out, H, W, C_in, H, W)``.
+
+    Integer models: each input sub-pixel is changed alone (to every other level, up to
+    two), the changed images stacked as one batch; an output "moves" by more than
+    1e-9 of its size (another batch size may sum in another order). Float modules: the
+    Jacobian's non-zero entries. The union over ``trials`` random inputs, in float64.
+    """
+    subject = _Subject(module, shape, kwargs, torch.float64)
+    batch, channels, height, width = shape
+    generator = torch.Generator().manual_seed(seed)
+    seen: Tensor | None = None
+    for _ in range(trials):
+        x = subject.random_input(generator)
+        with torch.no_grad():
+            base = subject(x)
+        if subject.levels:
+            levels = subject.levels
+            changes = []
+            for shift in range(1, min(levels, 3)):
+                for index in range(channels * height * width):
+                    y = x.clone()
+                    y[0].view(-1)[index] = (y[0].view(-1)[index] + shift) % levels
+                    changes.append(y)
+            moved = []
+            with torch.no_grad():
+                for chunk in torch.split(torch.cat(changes), batch * 64):
+                    out = subject(chunk).view(-1, *base.shape)[:, 0]  # image 0 of each copy
+                    delta = (out - base[0]).abs() > 1e-9 * (1 + base[0].abs())
+                    moved.append(delta.reshape(len(out), base.shape[1], -1, height, width).any(2))
+            per_change = torch.cat(moved).view(
+                -1, channels * height * width, base.shape[1], height, width
+            )
+            dep = per_change.any(0).permute(1, 2, 3, 0)  # (C_out, H, W, C*H*W)
+        else:
+            jac = torch.autograd.functional.jacobian(  # type: ignore[no-untyped-call]
+                lambda t: subject(t)[0], x, vectorize=True
+            )  # (C_out, *extra, H, W, B, C, H, W)
+            jac = jac.reshape(base.shape[1], -1, height, width, batch, channels * height * width)
+            dep = (jac[:, :, :, :, 0] != 0).any(1)  # (C_out, H, W, C*H*W)
+        dep = dep.reshape(base.shape[1], height, width, channels, height, width)
+        seen = dep if seen is None else seen | dep
+    assert seen is not None
+    return seen
+
+
+def receptive_field(
+    model: nn.Module | Callable[..., Tensor],
+    input_shape: Sequence[int],
+    pixel: tuple[int, int],
+    *,
+    labels: Tensor | None = None,
+    cond: Tensor | None = None,
+    seed: int = 0,
+) -> Tensor:
+    """Which input sub-pixels the outputs at ``pixel`` depend on.
+
+    Measured, not derived: for a model of integer images (an int ``levels``
+    attribute), by changing one input sub-pixel at a time; for a float module, from its
+    Jacobian; the union over two random inputs, in float64. Applied to the plain
+    :class:`~maskedconv.PixelCNN` it shows the blind spot, a wedge above and to the
+    right that no depth fills; the :class:`~maskedconv.GatedPixelCNN` has none.
+
+    Args:
+        model: the model or module.
+        input_shape: ``(C, H, W)`` or ``(B, C, H, W)``; image 0 is the one measured.
+        pixel: ``(row, col)`` of the outputs.
+        labels: class labels for a conditioned model.
+        cond: a conditioning map for a conditioned model.
+        seed: seed of the random inputs.
+
+    Returns:
+        ``(C, H, W)`` bool: True where some output at ``pixel`` depends on the input.
+
+    Example:
+        >>> seen = receptive_field(PixelCNN(1, 2, num_layers=2, kernel_size=3), (1, 5, 5), (2, 2))
+        >>> seen[0].int()
+        tensor([[1, 1, 1, 1, 1],
+                [1, 1, 1, 1, 0],
+                [1, 1, 0, 0, 0],
+                [0, 0, 0, 0, 0],
+                [0, 0, 0, 0, 0]], dtype=torch.int32)
+    """
+    shape = _check_shape(model, input_shape)
+    row, col = pixel
+    if not (0 <= row < shape[2] and 0 <= col < shape[3]):
+        raise ValueError(f"pixel must lie in the {shape[2]}x{shape[3]} image, but got {pixel}")
+    kwargs = _forward_kwargs(labels, cond, shape[0])
+    with _mode(model, False):
+        dep = _dependence(model, shape, kwargs, seed)
+    return dep[:, row, col].any(0)
+
+
+def _unmasked(module: nn.Module) -> nn.Module:
+    """A copy in which every masked conv (a ``mask`` of its weight's shape) uses its
+    whole kernel: what the module's kernels could reach if the order allowed it."""
+    twin = copy.deepcopy(module)
+    for m in twin.modules():
+        mask, weight = getattr(m, "mask", None), getattr(m, "weight", None)
+        if isinstance(mask, Tensor) and isinstance(weight, Tensor) and mask.shape == weight.shape:
+            with torch.no_grad():
+                weight.add_((1 - mask) * torch.randn_like(weight) * weight.std())
+
+            m.forward = types.MethodType(_whole_kernel_forward, m)
+    return twin
+
+
+def _whole_kernel_forward(m: Any, x: Tensor) -> Tensor:
+    return F.conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+
+
+def _check_complete(
+    module: nn.Module | Callable[..., Tensor],
+    shape: tuple[int, int, int, int],
+    kwargs: dict[str, Tensor],
+    rule: _Rule,
+    seed: int,
+) -> None:
+    if not isinstance(module, nn.Module):
+        raise ValueError("complete=True needs an nn.Module, to compare with its unmasked twin")
+    with _mode(module, False):
+        seen = _dependence(module, shape, kwargs, seed, trials=4)
+        reach = _dependence(_unmasked(module), shape, kwargs, seed)
+    out_channels, height, width, in_channels = seen.shape[:4]
+    allowed = rule.allowed(out_channels, in_channels, height, width)
+    missing = reach & allowed & ~seen
+    if not bool(missing.any()):
+        return
+    o, r, c, i, qr, qc = (int(v) for v in torch.nonzero(missing)[0])
+    count = int(missing[:, r, c].any(0).sum())
+    raise AssertionError(
+        f"{rule.name('output', 0, o, out_channels, r, c)} does not depend on "
+        f"{rule.name('input', 0, i, in_channels, qr, qc)}, which {rule.describe()} allows "
+        f"and the module's kernels reach (with every mask removed it does): a blind spot or "
+        f"a dead path; {count} such input sub-pixels at this output pixel"
+    )

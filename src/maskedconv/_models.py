@@ -1,4 +1,4 @@
-"""The PixelCNN: stem -> trunk -> head.
+"""Models: stem -> trunk -> head; the shared base and the PixelCNN.
 
 * stem: how integer images enter (``input="scaled"`` or ``"embedding"``);
 * trunk: the causal layers, a type-A conv, residual blocks, two 1x1 type-B convs;
@@ -10,13 +10,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._blocks import BottleneckBlock, ResidualBlock
+from ._conditioning import (
+    BiasAt,
+    ConditionBias,
+    Conditioning,
+    make_condition_bias,
+    prepare_conditioning,
+)
 from ._conv import MaskedConv2d
 from ._heads import HEADS, OutputHead
 from ._incremental import IncrementalStep, NoIncrementalPathError, cache_bytes, step_of
@@ -24,7 +31,7 @@ from ._masks import check_group_layout, group_split_error
 from ._sampling import sample as _sample
 from ._stems import STEMS, EmbeddingInput, ScaledInput
 
-__all__ = ["PixelCNN", "PixelCNNConfig", "nll_per_dim"]
+__all__ = ["AutoregressiveModel", "ModelConfig", "PixelCNN", "PixelCNNConfig", "nll_per_dim"]
 
 _BLOCKS = {"residual": ResidualBlock, "bottleneck": BottleneckBlock}
 
@@ -36,25 +43,23 @@ def _positive_int(name: str, value: object, minimum: int = 1) -> int:
 
 
 @dataclass(frozen=True)
-class PixelCNNConfig:
-    """Everything needed to rebuild a :class:`PixelCNN`; plain values, safe to save.
-
-    Defaults are the design blog's binary-MNIST model. A 0.1 config (without the
-    head and input fields) still loads.
-    """
+class ModelConfig:
+    """The fields every model shares: image, width, depth, colour order, stem, head,
+    conditioning. Plain values, safe to save."""
 
     in_channels: int  # image channels C: 1 for MNIST, 3 for RGB
     levels: int  # values a sub-pixel takes, K: 2 for binarized, 256 for 8-bit, 512 codes
     hidden_channels: int = 64  # width of every hidden layer; divisible by color_groups
-    num_layers: int = 5  # the kxk type-A conv plus (num_layers - 1) residual blocks
-    kernel_size: int = 7  # size of the type-A conv and of each block's middle conv
+    num_layers: int = 5  # the first layer plus (num_layers - 1) blocks
+    kernel_size: int = 7  # size of the first layer's and of each block's spatial conv
     color_groups: int | None = None  # None: the head's choice (categorical: C, dmol: 1)
     group_layout: str = "blocked"  # how channels map to groups; see DESIGN.md
-    block: str = "residual"  # "residual" (design blog) or "bottleneck" (course solution)
     head: str | OutputHead = "categorical"  # "categorical", "dmol", or an instance
     num_mixtures: int = 5  # mixture components of the "dmol" head
     input: str = "scaled"  # "scaled" (ordinal levels) or "embedding" (unordered codes)
     embedding_dim: int | None = None  # D per channel; None: hidden_channels // in_channels
+    num_classes: int | None = None  # N: condition on class labels (B,)
+    cond_channels: int | None = None  # M: condition on a map (B, M, h, w)
 
     def __post_init__(self) -> None:
         _positive_int("in_channels", self.in_channels)
@@ -82,16 +87,7 @@ class PixelCNNConfig:
             for name, value in head.config().items():
                 object.__setattr__(self, name, value)
         check_group_layout(self.group_layout)
-        if self.block not in _BLOCKS:
-            raise ValueError(f"block must be one of {tuple(_BLOCKS)}, but got {self.block!r}")
-        divisor = 2 * groups if self.block == "bottleneck" and self.num_layers > 1 else groups
-        if self.hidden_channels % divisor:
-            text = (
-                f"2 * color_groups = {divisor} (the bottleneck block halves it)"
-                if divisor != groups
-                else None
-            )
-            raise group_split_error("hidden_channels", self.hidden_channels, divisor, text)
+        self._check_trunk(groups)
         if self.input not in STEMS:
             raise ValueError(f"input must be one of {STEMS}, but got {self.input!r}")
         if self.embedding_dim is not None:
@@ -101,6 +97,13 @@ class PixelCNNConfig:
                     f"embedding_dim={self.embedding_dim} with input={self.input!r}"
                 )
             _positive_int("embedding_dim", self.embedding_dim)
+        for name in ("num_classes", "cond_channels"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+
+    def _check_trunk(self, groups: int) -> None:
+        if self.hidden_channels % groups:
+            raise group_split_error("hidden_channels", self.hidden_channels, groups)
 
     def make_head(self) -> OutputHead:
         """The output distribution this config names."""
@@ -149,102 +152,72 @@ class PixelCNNConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-class PixelCNN(nn.Module):
-    """A PixelCNN over integer images with ``levels`` values per sub-pixel.
+@dataclass(frozen=True)
+class PixelCNNConfig(ModelConfig):
+    """Everything needed to rebuild a :class:`PixelCNN`; plain values, safe to save.
 
-    Architecture (van den Oord et al., "Pixel Recurrent Neural Networks", 2016, as in
-    the design blog), stem -> trunk -> head::
-
-        stem                             scaled levels, or a learned embedding per channel
-        kxk conv, type A, C -> h         ReLU
-        (num_layers - 1) x block         [1x1 B -> ReLU -> kxk B -> ReLU -> 1x1 B -> ReLU] + skip
-        1x1 conv, type B, h -> h         ReLU
-        1x1 conv, type B, h -> P         the head's parameters
-        head                             softmax over K levels, or a logistic mixture
-
-    ``block="bottleneck"`` swaps in the Berkeley course solution's block
-    (:class:`~maskedconv.BottleneckBlock`). With ``color_groups = C`` channels are
-    generated in order R -> G -> B within each pixel; with ``color_groups = 1`` they
-    are independent given the previous pixels (or, with ``head="dmol"``, coupled by
-    the head itself).
-
-    Args:
-        in_channels: image channels C.
-        levels: values a sub-pixel takes, K >= 2.
-        hidden_channels: width h of the hidden layers; divisible by ``color_groups``.
-        num_layers: the first conv plus ``num_layers - 1`` blocks.
-        kernel_size: odd size of the type-A conv and the blocks' middle convs.
-        color_groups: ordered channel groups G; ``None``: C for the categorical head,
-            1 for the mixture.
-        group_layout: ``"blocked"`` or ``"interleaved"``.
-        block: ``"residual"`` or ``"bottleneck"``.
-        head: ``"categorical"`` (:class:`~maskedconv.Categorical`), ``"dmol"``
-            (:class:`~maskedconv.DiscretizedLogisticMixture`) or an instance of either.
-        num_mixtures: mixture components M of ``head="dmol"``.
-        input: ``"scaled"`` (levels are intensities, mapped to ``[-1, 1]``) or
-            ``"embedding"`` (levels are unordered codes, each with a learned vector).
-        embedding_dim: D, the embedding size per channel; ``None``:
-            ``hidden_channels // in_channels``.
-
-    Example:
-        >>> model = PixelCNN(1, 2, hidden_channels=16, num_layers=2)
-        >>> x = torch.randint(0, 2, (4, 1, 8, 8))
-        >>> model(x).shape  # (B, C, K, H, W)
-        torch.Size([4, 1, 2, 8, 8])
-        >>> model.log_prob(x).shape
-        torch.Size([4])
+    Defaults are the design blog's binary-MNIST model. A 0.1 config (without the
+    head, input and conditioning fields) still loads.
     """
 
+    block: str = "residual"  # "residual" (design blog) or "bottleneck" (course solution)
+
+    def _check_trunk(self, groups: int) -> None:
+        if self.block not in _BLOCKS:
+            raise ValueError(f"block must be one of {tuple(_BLOCKS)}, but got {self.block!r}")
+        divisor = 2 * groups if self.block == "bottleneck" and self.num_layers > 1 else groups
+        if self.hidden_channels % divisor:
+            text = (
+                f"2 * color_groups = {divisor} (the bottleneck block halves it)"
+                if divisor != groups
+                else None
+            )
+            raise group_split_error("hidden_channels", self.hidden_channels, divisor, text)
+
+
+class AutoregressiveModel(nn.Module):
+    """What every model shares: the stem, the head, conditioning, the image checks,
+    ``forward``, ``log_prob``, ``sample`` and the config round trip.
+
+    A subclass builds its trunk in ``__init__`` (after :meth:`_build_common`) and
+    implements :meth:`forward_features` and :meth:`incremental`.
+    """
+
+    config_class: type[ModelConfig] = ModelConfig
     causal_rows = True
     """Output rows <= r depend only on input rows <= r, so a sampler may crop below r."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        levels: int,
-        *,
-        hidden_channels: int = 64,
-        num_layers: int = 5,
-        kernel_size: int = 7,
-        color_groups: int | None = None,
-        group_layout: str = "blocked",
-        block: Literal["residual", "bottleneck"] | str = "residual",
-        head: Literal["categorical", "dmol"] | str | OutputHead = "categorical",
-        num_mixtures: int = 5,
-        input: Literal["scaled", "embedding"] | str = "scaled",
-        embedding_dim: int | None = None,
-    ) -> None:
-        arguments = dict(locals())
-        super().__init__()
-        config = PixelCNNConfig(**{f.name: arguments[f.name] for f in fields(PixelCNNConfig)})
+    config: ModelConfig
+    head: OutputHead
+    stem: ScaledInput | EmbeddingInput
+
+    def _build_common(self, arguments: dict[str, Any]) -> ModelConfig:
+        config = self.config_class(**{f.name: arguments[f.name] for f in fields(self.config_class)})
         self.config = config
-        self.in_channels = in_channels
-        self.levels = levels
+        self.in_channels = config.in_channels
+        self.levels = config.levels
         self.color_groups = config.groups
-        self.group_layout = group_layout
+        self.group_layout = config.group_layout
+        self.num_classes = config.num_classes
+        self.cond_channels = config.cond_channels
         self.head = config.make_head()
-        opts: dict[str, Any] = dict(color_groups=self.color_groups, group_layout=group_layout)
-        self.stem: ScaledInput | EmbeddingInput = (
-            ScaledInput(levels)
-            if input == "scaled"
-            else EmbeddingInput(in_channels, levels, config.stem_dim, group_layout)
+        self.stem = (
+            ScaledInput(config.levels)
+            if config.input == "scaled"
+            else EmbeddingInput(
+                config.in_channels, config.levels, config.stem_dim, config.group_layout
+            )
         )
-        h = hidden_channels
-        stem_channels = self.stem.out_channels(in_channels)
-        self.input_conv = MaskedConv2d(stem_channels, h, kernel_size, mask_type="A", **opts)
-        block_cls = _BLOCKS[block]
-        self.blocks = nn.ModuleList(
-            block_cls(h, kernel_size, **opts) for _ in range(num_layers - 1)
-        )
-        self.hidden_conv = MaskedConv2d(h, h, 1, mask_type="B", **opts)
-        self.output_conv = MaskedConv2d(h, self.head.num_params(in_channels), 1, **opts)
-        self.register_load_state_dict_pre_hook(_load_0_1_keys)  # type: ignore[no-untyped-call]
+        return config
+
+    def _condition_bias(self, channels: int) -> ConditionBias | None:
+        return make_condition_bias(channels, self.num_classes, self.cond_channels)
 
     @classmethod
-    def from_config(cls, config: PixelCNNConfig | dict[str, Any]) -> PixelCNN:
-        """Build a model from a :class:`PixelCNNConfig` or its ``to_dict()``."""
+    def from_config(cls, config: ModelConfig | dict[str, Any]) -> Any:
+        """Build a model from its config or the config's ``to_dict()``."""
         if isinstance(config, dict):
-            config = PixelCNNConfig(**config)
+            config = cls.config_class(**config)
         return cls(**config.to_dict())
 
     def _check_images(self, x: Tensor) -> None:
@@ -269,54 +242,68 @@ class PixelCNN(nn.Module):
                 f"values in [{lo}, {hi}]"
             )
 
-    def forward_features(self, h: Tensor) -> Tensor:
-        """The head's parameters from the stem's output.
+    def conditioning(
+        self, labels: Tensor | None, cond: Tensor | None, batch: int, size: tuple[int, int]
+    ) -> Conditioning | None:
+        """Check ``labels`` and ``cond`` against this model; ``cond`` resized to ``size``."""
+        anchor = next(self.parameters())
+        return prepare_conditioning(
+            labels,
+            cond,
+            num_classes=self.num_classes,
+            cond_channels=self.cond_channels,
+            batch=batch,
+            size=size,
+            dtype=anchor.dtype,
+        )
 
-        Args:
-            h: ``(B, F, H, W)`` float, as ``model.stem(x)`` makes it (``F = C`` for the
-                scaled stem, ``C * D`` for the embedding).
+    def forward_features(self, h: Tensor, cond: Conditioning | None = None) -> Tensor:
+        """The head's parameters from the stem's output ``(B, F, H, W)``."""
+        raise NotImplementedError
 
-        Returns:
-            The head's parameters: ``(B, C, K, H, W)`` logits for the categorical head,
-            ``(B, P, H, W)`` for the mixture.
-        """
-        h = F.relu(self.input_conv(h))
-        for block in self.blocks:
-            h = block(h)
-        out = self.output_conv(F.relu(self.hidden_conv(h)))  # (B, P, H, W)
-        return self.head.arrange(out, self.in_channels, self.group_layout)
-
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, labels: Tensor | None = None, cond: Tensor | None = None
+    ) -> Tensor:
         """The head's parameters at every pixel.
 
         Args:
             x: ``(B, C, H, W)`` integer image with values in ``[0, K)``.
+            labels: ``(B,)`` int64 class labels; required if and only if the model was
+                built with ``num_classes``.
+            cond: ``(B, M, h, w)`` float map, resized to ``H x W`` (nearest); required if
+                and only if the model was built with ``cond_channels``.
 
         Returns:
             ``(B, C, K, H, W)`` logits (categorical head) or ``(B, P, H, W)`` mixture
             parameters; those of sub-pixel (c, i, j) depend only on pixels before
-            (i, j) and on earlier colour groups at (i, j).
+            (i, j) and on earlier colour groups at (i, j) (and on the conditioning).
 
         Raises:
-            TypeError: for a float, bool or complex ``x``.
-            ValueError: for a wrong shape or values outside ``[0, K)``.
+            TypeError: for a float, bool or complex ``x``, float labels or an integer map.
+            ValueError: for a wrong shape, values outside ``[0, K)``, or conditioning
+                that does not match how the model was built.
         """
         self._check_images(x)
-        return self.forward_features(self.stem(x))
+        conditioning = self.conditioning(labels, cond, x.shape[0], (x.shape[2], x.shape[3]))
+        return self.forward_features(self.stem(x), conditioning)
 
-    def log_prob(self, x: Tensor) -> Tensor:
+    def log_prob(
+        self, x: Tensor, labels: Tensor | None = None, cond: Tensor | None = None
+    ) -> Tensor:
         """``log p(x)`` in nats, one value per image.
 
         Computed in at least float32, also under autocast.
 
         Args:
             x: ``(B, C, H, W)`` integer image with values in ``[0, K)``.
+            labels: class labels, as for :meth:`forward`.
+            cond: conditioning map, as for :meth:`forward`.
 
         Returns:
             ``(B,)`` log-likelihoods in nats. :func:`nll_per_dim` turns them into
             nats/dim or bits/dim.
         """
-        return self.log_prob_from_params(self(x), x)
+        return self.log_prob_from_params(self(x, labels, cond), x)
 
     def log_prob_from_params(self, params: Tensor, x: Tensor) -> Tensor:
         """``log p(x)`` in nats from parameters already computed, e.g. by a DDP wrapper.
@@ -330,24 +317,22 @@ class PixelCNN(nn.Module):
         """
         return self.head.log_prob(params, x).flatten(1).sum(1)
 
-    def incremental(self, batch: int, width: int) -> IncrementalStep:
-        """This model evaluated one pixel at a time, for samplers and decoders.
-
-        The step maps a pixel's integer values ``(B, C)`` to the head's parameters
-        there (``(B, C, K)`` or ``(B, P)``); see :class:`~maskedconv.IncrementalEvaluator`
-        for the public way to drive it.
-
-        Raises:
-            NoIncrementalPathError: if a subclass changes ``forward``, or a layer has no
-                incremental path.
-        """
+    def _check_own_forward(self, base: type[AutoregressiveModel]) -> None:
         cls = type(self)
-        if (
-            cls.forward is not PixelCNN.forward
-            or cls.forward_features is not PixelCNN.forward_features
-        ):
+        if cls.forward is not base.forward or cls.forward_features is not base.forward_features:
             raise NoIncrementalPathError(f"{cls.__name__} overrides forward")
-        return _PixelCNNStep(self, batch, width)
+
+    def _step_conditioning(
+        self,
+        batch: int,
+        width: int,
+        height: int | None,
+        labels: Tensor | None,
+        cond: Tensor | None,
+    ) -> Conditioning | None:
+        if cond is not None and height is None:
+            raise ValueError("incremental() needs height= to resize a conditioning map")
+        return self.conditioning(labels, cond, batch, (height or 1, width))
 
     def sample(
         self,
@@ -360,7 +345,8 @@ class PixelCNN(nn.Module):
         Args:
             num_samples: B; omit when completing an image given as ``x=``.
             image_size: ``(H, W)``; omit when completing an image given as ``x=``.
-            **kwargs: ``generator``, ``temperature``, ``x``, ``known``, ``method``.
+            **kwargs: ``generator``, ``temperature``, ``x``, ``known``, ``method``,
+                ``labels``, ``cond``.
 
         Returns:
             ``(B, C, H, W)`` int64 images on the model's device.
@@ -377,27 +363,191 @@ class PixelCNN(nn.Module):
         return _sample(self, shape, **kwargs)
 
 
+class PixelCNN(AutoregressiveModel):
+    """A PixelCNN over integer images with ``levels`` values per sub-pixel.
+
+    Architecture (van den Oord et al., "Pixel Recurrent Neural Networks", 2016, as in
+    the design blog), stem -> trunk -> head::
+
+        stem                             scaled levels, or a learned embedding per channel
+        kxk conv, type A, C -> h         ReLU
+        (num_layers - 1) x block         [1x1 B -> ReLU -> kxk B -> ReLU -> 1x1 B -> ReLU] + skip
+        1x1 conv, type B, h -> h         ReLU
+        1x1 conv, type B, h -> P         the head's parameters
+        head                             softmax over K levels, or a logistic mixture
+
+    ``block="bottleneck"`` swaps in the Berkeley course solution's block
+    (:class:`~maskedconv.BottleneckBlock`). With ``color_groups = C`` channels are
+    generated in order R -> G -> B within each pixel; with ``color_groups = 1`` they
+    are independent given the previous pixels (or, with ``head="dmol"``, coupled by
+    the head itself). With conditioning, a learned bias is added before the first
+    conv's, each block's middle and the hidden conv's nonlinearity. Stacked masks
+    leave a blind spot above and to the right (see :func:`~maskedconv.receptive_field`);
+    :class:`~maskedconv.GatedPixelCNN` has none.
+
+    Args:
+        in_channels: image channels C.
+        levels: values a sub-pixel takes, K >= 2.
+        hidden_channels: width h of the hidden layers; divisible by ``color_groups``.
+        num_layers: the first conv plus ``num_layers - 1`` blocks.
+        kernel_size: odd size of the type-A conv and the blocks' middle convs.
+        color_groups: ordered channel groups G; ``None``: C for the categorical head,
+            1 for the mixture.
+        group_layout: ``"blocked"`` or ``"interleaved"``.
+        head: ``"categorical"`` (:class:`~maskedconv.Categorical`), ``"dmol"``
+            (:class:`~maskedconv.DiscretizedLogisticMixture`) or an instance of either.
+        num_mixtures: mixture components M of ``head="dmol"``.
+        input: ``"scaled"`` (levels are intensities, mapped to ``[-1, 1]``) or
+            ``"embedding"`` (levels are unordered codes, each with a learned vector).
+        embedding_dim: D, the embedding size per channel; ``None``:
+            ``hidden_channels // in_channels``.
+        num_classes: N, to condition on class labels ``(B,)``.
+        cond_channels: M, to condition on a map ``(B, M, h, w)``.
+        block: ``"residual"`` or ``"bottleneck"``.
+
+    Example:
+        >>> model = PixelCNN(1, 2, hidden_channels=16, num_layers=2)
+        >>> x = torch.randint(0, 2, (4, 1, 8, 8))
+        >>> model(x).shape  # (B, C, K, H, W)
+        torch.Size([4, 1, 2, 8, 8])
+        >>> model.log_prob(x).shape
+        torch.Size([4])
+    """
+
+    config_class = PixelCNNConfig
+    config: PixelCNNConfig
+    input_condition: ConditionBias | None
+    hidden_condition: ConditionBias | None
+
+    def __init__(
+        self,
+        in_channels: int,
+        levels: int,
+        *,
+        hidden_channels: int = 64,
+        num_layers: int = 5,
+        kernel_size: int = 7,
+        color_groups: int | None = None,
+        group_layout: str = "blocked",
+        head: Literal["categorical", "dmol"] | str | OutputHead = "categorical",
+        num_mixtures: int = 5,
+        input: Literal["scaled", "embedding"] | str = "scaled",
+        embedding_dim: int | None = None,
+        num_classes: int | None = None,
+        cond_channels: int | None = None,
+        block: Literal["residual", "bottleneck"] | str = "residual",
+    ) -> None:
+        arguments = dict(locals())
+        super().__init__()
+        self._build_common(arguments)
+        opts: dict[str, Any] = dict(color_groups=self.color_groups, group_layout=group_layout)
+        h = hidden_channels
+        stem_channels = self.stem.out_channels(in_channels)
+        self.input_conv = MaskedConv2d(stem_channels, h, kernel_size, mask_type="A", **opts)
+        self.input_condition = self._condition_bias(h)
+        block_cls = _BLOCKS[block]
+        self.blocks = nn.ModuleList(
+            block_cls(h, kernel_size, num_classes=num_classes, cond_channels=cond_channels, **opts)
+            for _ in range(num_layers - 1)
+        )
+        self.hidden_conv = MaskedConv2d(h, h, 1, mask_type="B", **opts)
+        self.hidden_condition = self._condition_bias(h)
+        self.output_conv = MaskedConv2d(h, self.head.num_params(in_channels), 1, **opts)
+        self.register_load_state_dict_pre_hook(_load_0_1_keys)  # type: ignore[no-untyped-call]
+
+    def forward_features(self, h: Tensor, cond: Conditioning | None = None) -> Tensor:
+        """The head's parameters from the stem's output.
+
+        Args:
+            h: ``(B, F, H, W)`` float, as ``model.stem(x)`` makes it (``F = C`` for the
+                scaled stem, ``C * D`` for the embedding).
+            cond: the checked conditioning (:meth:`conditioning`), or ``None``.
+
+        Returns:
+            The head's parameters: ``(B, C, K, H, W)`` logits for the categorical head,
+            ``(B, P, H, W)`` for the mixture.
+        """
+        h = self.input_conv(h)
+        if self.input_condition is not None and cond is not None:
+            h = h + self.input_condition(cond)
+        h = F.relu(h)
+        for block in self.blocks:
+            h = block(h, cond)
+        h = self.hidden_conv(h)
+        if self.hidden_condition is not None and cond is not None:
+            h = h + self.hidden_condition(cond)
+        out = self.output_conv(F.relu(h))  # (B, P, H, W)
+        return self.head.arrange(out, self.in_channels, self.group_layout)
+
+    def incremental(
+        self,
+        batch: int,
+        width: int,
+        *,
+        height: int | None = None,
+        labels: Tensor | None = None,
+        cond: Tensor | None = None,
+    ) -> IncrementalStep:
+        """This model evaluated one pixel at a time, for samplers and decoders.
+
+        The step maps a pixel's integer values ``(B, C)`` to the head's parameters
+        there (``(B, C, K)`` or ``(B, P)``); see :class:`~maskedconv.IncrementalEvaluator`
+        for the public way to drive it.
+
+        Args:
+            batch: B.
+            width: W.
+            height: H; needed with a conditioning map.
+            labels: class labels, as for ``forward``.
+            cond: conditioning map, as for ``forward``.
+
+        Raises:
+            NoIncrementalPathError: if a subclass changes ``forward``, or a layer has no
+                incremental path.
+        """
+        self._check_own_forward(PixelCNN)
+        conditioning = self._step_conditioning(batch, width, height, labels, cond)
+        return _PixelCNNStep(self, batch, width, conditioning)
+
+
 class _PixelCNNStep:
     """A :class:`PixelCNN` composed of its layers' incremental steps."""
 
-    def __init__(self, model: PixelCNN, batch: int, width: int) -> None:
+    def __init__(self, model: PixelCNN, batch: int, width: int, cond: Conditioning | None) -> None:
         self.model = model
         self.stem = step_of(model.stem, batch, width)
         self.input_conv = step_of(model.input_conv, batch, width)
-        self.blocks = [step_of(block, batch, width) for block in model.blocks]
+        self.blocks: list[IncrementalStep] = [
+            block.incremental(batch, width, cond)
+            for block in cast("list[ResidualBlock | BottleneckBlock]", list(model.blocks))
+        ]
         self.hidden_conv = step_of(model.hidden_conv, batch, width)
         self.output_conv = step_of(model.output_conv, batch, width)
         self.layers = [self.input_conv, *self.blocks, self.hidden_conv, self.output_conv]
+        self.biases = [
+            BiasAt(bias(cond)) if bias is not None and cond is not None else None
+            for bias in (model.input_condition, model.hidden_condition)
+        ]
 
     def start_row(self, row: int) -> None:
         for layer in self.layers:
             layer.start_row(row)
+        for bias in self.biases:
+            if bias is not None:
+                bias.start_row(row)
 
     def step(self, x: Tensor, col: int) -> Tensor:
-        h = self.input_conv.step(self.stem.step(x, col), col).relu_()
+        input_bias, hidden_bias = self.biases
+        h = self.input_conv.step(self.stem.step(x, col), col)
+        if input_bias is not None:
+            h = h + input_bias.at(col)
+        h = h.relu_()
         for block in self.blocks:
             h = block.step(h, col)
-        out = self.output_conv.step(self.hidden_conv.step(h, col).relu_(), col)  # (B, P)
+        h = self.hidden_conv.step(h, col)
+        if hidden_bias is not None:
+            h = h + hidden_bias.at(col)
+        out = self.output_conv.step(h.relu_(), col)  # (B, P)
         model = self.model
         return model.head.arrange(out, model.in_channels, model.group_layout)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -92,6 +93,10 @@ def _start_images(
     return images, known
 
 
+class _NoPathError(ValueError):
+    """The model has no incremental path (a ``ValueError`` for the user)."""
+
+
 class IncrementalEvaluator:
     """A model evaluated position by position in raster order, equal to its forward.
 
@@ -113,6 +118,8 @@ class IncrementalEvaluator:
         image_size: ``(H, W)``.
         color_groups: G; defaults to ``model.color_groups``, else 1.
         group_layout: defaults to ``model.group_layout``, else ``"blocked"``.
+        labels: ``(B,)`` class labels of a model built with ``num_classes``.
+        cond: ``(B, M, h, w)`` map of a model built with ``cond_channels``.
 
     Raises:
         ValueError: for a bad size, or a model without an incremental path.
@@ -138,6 +145,8 @@ class IncrementalEvaluator:
         *,
         color_groups: int | None = None,
         group_layout: str | None = None,
+        labels: Tensor | None = None,
+        cond: Tensor | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, but got {batch_size!r}")
@@ -150,13 +159,18 @@ class IncrementalEvaluator:
             )
         make = getattr(model, "incremental", None)
         if not callable(make):
-            raise ValueError(
+            raise _NoPathError(
                 f"{type(model).__name__} has no incremental path: it has no incremental() method"
             )
+        conditioning = _conditioning_kwargs(labels, cond)
+        if conditioning:
+            conditioning["height"] = image_size[0]
         try:
-            self._stepper: IncrementalStep = make(batch_size, image_size[1])
+            self._stepper: IncrementalStep = make(batch_size, image_size[1], **conditioning)
         except NoIncrementalPathError as reason:
-            raise ValueError(f"{type(model).__name__} has no incremental path: {reason}") from None
+            raise _NoPathError(
+                f"{type(model).__name__} has no incremental path: {reason}"
+            ) from None
         self.channels = int(getattr(model, "in_channels", 0)) or None
         groups = color_groups if color_groups is not None else getattr(model, "color_groups", 1)
         layout = group_layout if group_layout is not None else getattr(model, "group_layout", None)
@@ -247,6 +261,8 @@ def sample(
     color_groups: int | None = None,
     group_layout: str | None = None,
     method: str = "auto",
+    labels: Tensor | None = None,
+    cond: Tensor | None = None,
 ) -> Tensor:
     """Draw integer images from an autoregressive model, one sub-pixel group at a time.
 
@@ -280,6 +296,9 @@ def sample(
         color_groups: G; defaults to ``model.color_groups``, else 1.
         group_layout: defaults to ``model.group_layout``, else ``"blocked"``.
         method: ``"auto"``, ``"cached"`` or ``"naive"``.
+        labels: ``(B,)`` int64 class labels, for a model built with ``num_classes``
+            (with ``num_classes=10``, ``labels=torch.arange(10)`` draws one image per class).
+        cond: ``(B, M, h, w)`` float map, for a model built with ``cond_channels``.
 
     Returns:
         ``(B, C, H, W)`` int64 images on the model's device.
@@ -312,7 +331,9 @@ def sample(
     layout = group_layout if group_layout is not None else getattr(model, "group_layout", "blocked")
     members = group_slices(channels, groups, layout)  # slices: cheaper to index than lists
     completing = bool(known.any())
-    crop = bool(getattr(model, "causal_rows", False))
+    conditioning = _conditioning_kwargs(labels, cond)
+    # A map is resized to the image's size by the model: feed it whole images then.
+    crop = bool(getattr(model, "causal_rows", False)) and cond is None
 
     head: OutputHead | None = getattr(model, "head", None)
     levels = getattr(model, "levels", None)
@@ -328,9 +349,15 @@ def sample(
         if method != "naive":
             try:
                 evaluator = IncrementalEvaluator(
-                    model, batch, (height, width), color_groups=groups, group_layout=layout
+                    model,
+                    batch,
+                    (height, width),
+                    color_groups=groups,
+                    group_layout=layout,
+                    labels=labels,
+                    cond=cond,
                 )
-            except ValueError as reason:
+            except _NoPathError as reason:
                 if method == "cached":
                     raise ValueError(
                         f"method='cached' needs a model with an incremental path, but "
@@ -349,7 +376,7 @@ def sample(
                     if evaluator is not None:
                         params = evaluator._stepper.step(pixel, col)
                     else:
-                        params = model(visible)[..., row, col]
+                        params = model(visible, **conditioning)[..., row, col]
                     if head is None:  # a bare model: (B, C, K) logits
                         head = Categorical(params.shape[-1])
                         _check_known_values(images, known, head.levels)
@@ -370,6 +397,16 @@ def sample(
     finally:
         model.train(was_training)
     return images
+
+
+def _conditioning_kwargs(labels: Tensor | None, cond: Tensor | None) -> dict[str, Any]:
+    # Passed only when given, so that models without conditioning keep working.
+    kwargs: dict[str, Any] = {}
+    if labels is not None:
+        kwargs["labels"] = labels
+    if cond is not None:
+        kwargs["cond"] = cond
+    return kwargs
 
 
 def _check_known_values(images: Tensor, known: Tensor, levels: int) -> None:
