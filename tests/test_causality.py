@@ -384,3 +384,125 @@ def test_a_leak_across_the_batch_is_caught_through_forward() -> None:
 
     with pytest.raises(AssertionError, match=r"output \(image 0, .* depends on input \(image 1"):
         assert_causal(Mixes(), (2, 1, 3, 3))
+
+
+# --- the checker's own gaps, each closed ---------------------------------------------
+
+
+def test_a_batchnorm_that_leaks_in_training_is_caught_after_eval() -> None:
+    net = nn.Sequential(MaskedConv2d(1, 4, 3, mask_type="A"), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(AssertionError, match="depends on input"):
+        assert_causal(net, (2, 1, 4, 4))
+    assert not net.training  # the mode is restored
+
+
+def test_a_leak_between_images_is_caught_with_a_batch_of_one() -> None:
+    class Mixes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = MaskedConv2d(1, 2, 3, mask_type="A")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.conv(x)
+            return h + h.flip(0)
+
+    with pytest.raises(AssertionError, match=r"depends on input \(image 1"):
+        assert_causal(Mixes(), (1, 1, 3, 3))
+
+
+def test_a_leak_only_in_float32_is_caught() -> None:
+    class Float32Leak(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = MaskedConv2d(1, 1, 3, mask_type="A")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.conv(x)
+            return out + x if x.dtype == torch.float32 else out
+
+    with pytest.raises(AssertionError, match=r"in torch\.float32"):
+        assert_causal(Float32Leak(), (2, 1, 3, 3))
+
+
+def test_a_detached_statistic_is_caught() -> None:
+    class Centred(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = MaskedConv2d(1, 2, 3, mask_type="A")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) - x.mean(dim=(1, 2, 3), keepdim=True).detach()
+
+    with pytest.raises(AssertionError, match="its value changed"):
+        assert_causal(Centred(), (2, 1, 3, 3))
+
+
+def test_a_sequential_of_grouped_layers_is_checked_with_its_groups() -> None:
+    opts = dict(color_groups=3)
+    good = nn.Sequential(
+        MaskedConv2d(3, 6, 3, mask_type="A", **opts),
+        nn.ReLU(),
+        MaskedConv2d(6, 6, 3, mask_type="B", **opts),
+    )
+    assert_causal(good, (1, 3, 4, 4))  # no false alarm: G = 3, type A inferred
+    bad = nn.Sequential(
+        MaskedConv2d(3, 6, 3, mask_type="A", **opts),
+        nn.ReLU(),
+        MaskedConv2d(6, 6, 3, mask_type="B", **opts),
+        nn.Conv2d(6, 6, 1),  # mixes the groups at each pixel
+    )
+    with pytest.raises(
+        AssertionError, match="which it must not see under mask type A with color_groups=3"
+    ):
+        assert_causal(bad, (1, 3, 4, 4))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(mask_type="b"), "mask_type must be 'A' or 'B', but got 'b'"),
+        (dict(mask_type="C"), "mask_type must be 'A' or 'B', but got 'C'"),
+        (dict(color_groups=0), "color_groups must be a positive int, but got 0"),
+        (
+            dict(group_layout="rows"),
+            "group_layout must be one of ('blocked', 'interleaved'), but got 'rows'",
+        ),
+    ],
+)
+def test_bad_checker_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        assert_causal(MaskedConv2d(3, 3, 3, color_groups=3), (1, 3, 3, 3), **kwargs)
+    assert message in str(info.value)
+
+
+def test_an_image_smaller_than_the_reach_warns() -> None:
+    with pytest.warns(UserWarning, match="smaller than the reach of the module's kernels"):
+        assert_causal(MaskedConv2d(1, 1, 7, mask_type="A"), (1, 1, 3, 3))
+
+
+def test_a_huge_jacobian_is_refused_before_it_is_built() -> None:
+    net = nn.Sequential(MaskedConv2d(3, 300, 3, mask_type="A", color_groups=3))
+    with pytest.raises(
+        ValueError, match=r"the Jacobian at input_shape \(4, 3, 32, 32\) would take .* GiB"
+    ):
+        assert_causal(net, (4, 3, 32, 32))
+
+
+def test_no_dependence_at_all_fails() -> None:
+    class Blind(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bias = nn.Parameter(torch.zeros(1, 2, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bias.expand(x.shape[0], 2, *x.shape[2:])
+
+    with pytest.raises(AssertionError, match="the check would pass vacuously"):
+        assert_causal(Blind(), (2, 1, 3, 3))
+
+
+def test_input_channels_must_match_the_model() -> None:
+    with pytest.raises(
+        ValueError, match=r"input_shape must have 3 channels, the module's in_channels, but got 1"
+    ):
+        assert_causal(PixelCNN(3, 4, hidden_channels=12, num_layers=1), (1, 1, 4, 4))

@@ -232,7 +232,8 @@ def assert_causal(
     How it checks:
 
     * a float module: its exact Jacobian at two random inputs; every entry the order
-      forbids must be exactly zero;
+      forbids must be exactly zero; then the value check below, with random float
+      changes (it sees through a ``.detach()``ed statistic, which a Jacobian cannot);
     * a model of integer images (an int ``levels`` attribute, like
       :class:`~maskedconv.PixelCNN`), through its public ``forward``: at a random image,
       for every output position and group, all the inputs it must not see are changed
@@ -291,10 +292,9 @@ def assert_causal(
         for training in (_is_training(module), not _is_training(module)):
             with _mode(module, training):
                 subject = _Subject(module, shape, kwargs, dtype)
-            if subject.levels:
-                _check_by_changing_values(subject, rule, seed)
-            else:
+            if not subject.levels:
                 _check_jacobian(subject, rule, seed)
+            _check_by_changing_values(subject, rule, seed)
             if not isinstance(module, nn.Module):
                 break
     if complete:
@@ -428,16 +428,27 @@ _VACUOUS = (
 
 
 def _check_by_changing_values(subject: _Subject, rule: _Rule, seed: int) -> None:
+    """Change what each output must not see; its value must not move at all.
+
+    Integer inputs move to other levels; float inputs by a random amount. For float
+    modules this complements the Jacobian: it sees through ``.detach()``.
+    """
     batch, in_channels, height, width = subject.shape
     levels = subject.levels
-    assert levels
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + 1)
     x = subject.random_input(generator)
 
     def changed(where: Tensor) -> Tensor:
-        # Every marked entry moves to another level, chosen at random.
-        shift = torch.randint(1, levels, x.shape, generator=generator)
-        return torch.where(where, (x + shift) % levels, x)
+        # Every marked entry moves: to another level, or by a random amount.
+        if levels:
+            shift = torch.randint(1, levels, x.shape, generator=generator)
+            return torch.where(where, (x + shift) % levels, x)
+        return torch.where(where, x + 1 + torch.rand(x.shape, generator=generator), x)
+
+    def one_changed(b: int, i: int, r: int, c: int, shift: int) -> Tensor:
+        x2 = x.clone()
+        x2[b, i, r, c] = (x[b, i, r, c] + shift) % levels if levels else x[b, i, r, c] + shift
+        return x2
 
     with torch.no_grad():
         base = subject(x)
@@ -458,16 +469,15 @@ def _check_by_changing_values(subject: _Subject, rule: _Rule, seed: int) -> None
             out_index = (b_out, o, ..., r, c)
             output = rule.name("output", b_out, o, out_channels, r, c)
             for b_in, i, qr, qc in torch.nonzero(forbidden).tolist():
-                for shift in range(1, min(levels, 4)):
-                    x2 = x.clone()
-                    x2[b_in, i, qr, qc] = (x[b_in, i, qr, qc] + shift) % levels
+                for shift in range(1, min(levels or 4, 4)):
+                    x2 = one_changed(b_in, i, qr, qc, shift)
                     if not torch.equal(subject(x2)[out_index], base[out_index]):
                         raise AssertionError(
                             f"{output} depends on "
                             f"{rule.name('input', b_in, i, in_channels, qr, qc)}, which it must "
                             f"not see under {rule.describe()} (its value changed from "
-                            f"{int(x[b_in, i, qr, qc])} to {int(x2[b_in, i, qr, qc])}, in "
-                            f"{subject.dtype})"
+                            f"{float(x[b_in, i, qr, qc]):g} to {float(x2[b_in, i, qr, qc]):g}, "
+                            f"in {subject.dtype})"
                         )
             raise AssertionError(
                 f"{output} changes when the inputs it must not see change together, though "
