@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
-from maskedconv import PixelCNN, PixelCNNConfig
+from maskedconv import GatedPixelCNN, PixelCNN
 
 # --------------------------------------------------------------------------- data
 
@@ -239,23 +239,37 @@ def load_pickle(path: Path) -> dict[str, np.ndarray]:
 class Experiment:
     """What differs between the binary and the colour example."""
 
-    name: str  # "binary" or "color"
+    name: str  # "binary", "color" or "gray"
     channels: int
     levels: int
     hidden_channels: int
     num_layers: int
+    model: str = "pixelcnn"  # the default --model
 
 
 BINARY = Experiment("binary", channels=1, levels=2, hidden_channels=64, num_layers=5)
 COLOR = Experiment("color", channels=3, levels=4, hidden_channels=120, num_layers=8)
+GRAY = Experiment("gray", channels=1, levels=256, hidden_channels=64, num_layers=8, model="gated")
+MODELS = {"pixelcnn": PixelCNN, "gated": GatedPixelCNN}
+Model = PixelCNN | GatedPixelCNN
 
 
 def _nchw(array: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
 
 
-def load_images(exp: Experiment, args: argparse.Namespace) -> tuple[Tensor, Tensor]:
-    """Train and test images, ``(N, C, 28, 28)`` uint8 with values in ``[0, K)``."""
+@dataclass
+class Images:
+    """Train and test images ``(N, C, 28, 28)`` uint8 in ``[0, K)``, with labels if known."""
+
+    train: Tensor
+    test: Tensor
+    train_labels: Tensor | None
+    test_labels: Tensor | None
+
+
+def load_images(exp: Experiment, args: argparse.Namespace) -> Images:
+    """The experiment's images; the course's pickles carry no labels."""
     if args.pickle is not None:
         data = load_pickle(Path(args.pickle))
         train, test = data["train"], data["test"]
@@ -268,16 +282,31 @@ def load_images(exp: Experiment, args: argparse.Namespace) -> tuple[Tensor, Tens
                     f"{array.max()}, but the {exp.name} model needs {exp.channels} channels in "
                     f"[0, {exp.levels})"
                 )
-        return _nchw(train), _nchw(test)
+        if args.conditional:
+            raise DataError(
+                f"{args.pickle}: the course's pickles carry no class labels; --conditional "
+                f"needs MNIST's label files (use --data-dir)"
+            )
+        return Images(_nchw(train), _nchw(test), None, None)
     download, verify = not args.no_download, not args.no_verify
     mnist = load_mnist(Path(args.data_dir), download=download, verify=verify)
     if exp.name == "binary":
         train, test = binarize(mnist["train"])[:, None], binarize(mnist["test"])[:, None]
+    elif exp.name == "gray":
+        train, test = mnist["train"][:, None], mnist["test"][:, None]
     else:
         train = colorize(mnist["train"], seed=0).transpose(0, 3, 1, 2)
         test = colorize(mnist["test"], seed=1).transpose(0, 3, 1, 2)
-    return torch.from_numpy(np.ascontiguousarray(train)), torch.from_numpy(
-        np.ascontiguousarray(test)
+
+    def tensor(array: np.ndarray) -> Tensor:
+        array = np.ascontiguousarray(array)
+        return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+    return Images(
+        tensor(train),
+        tensor(test),
+        tensor(mnist["train_labels"]).long(),
+        tensor(mnist["test_labels"]).long(),
     )
 
 
@@ -328,6 +357,18 @@ def make_parser(exp: Experiment, description: str) -> argparse.ArgumentParser:
         "logistic mixture (channels coupled by the head, so no R -> G -> B masks)",
     )
     p.add_argument("--num-mixtures", type=int, default=5, help="mixture components of --head dmol")
+    p.add_argument(
+        "--model",
+        choices=tuple(MODELS),
+        default=exp.model,
+        help="pixelcnn: stacked masked convs (a blind spot); gated: the gated PixelCNN with "
+        "vertical and horizontal stacks (none)",
+    )
+    p.add_argument(
+        "--conditional",
+        action="store_true",
+        help="condition on the digit class; the sample grid has one row per class",
+    )
     p.add_argument("--eval-batch-size", type=int, default=500)
     p.add_argument("--num-samples", type=int, default=100, help="images in the sample grid")
     return p
@@ -441,6 +482,7 @@ def run_identity(
 ) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed by this run (and continue exactly)."""
     return {
+        "architecture": args.model,
         "experiment": exp.name,
         "data": "pickle" if args.pickle else "mnist",
         "seed": args.seed,
@@ -451,15 +493,17 @@ def run_identity(
 
 
 def check_identity(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    saved = {"architecture": "pixelcnn", **saved}  # 0.1 had only the PixelCNN
     if isinstance(saved.get("model"), dict):
         # A checkpoint from 0.1 lacks the config fields added since: fill their defaults.
         # (Not a config of this version: reported as a mismatch below.)
         with contextlib.suppress(TypeError, ValueError):
-            saved = {**saved, "model": PixelCNNConfig(**saved["model"]).to_dict()}
+            config_class = MODELS.get(saved["architecture"], PixelCNN).config_class
+            saved = {**saved, "model": config_class(**saved["model"]).to_dict()}
     if saved == current:
         return
     diffs = []
-    for key in ("experiment", "data", "seed", "batch_size", "processes"):
+    for key in ("architecture", "experiment", "data", "seed", "batch_size", "processes"):
         if saved.get(key) != current.get(key):
             diffs.append(f"{key}={saved.get(key)!r} (this run: {current.get(key)!r})")
     for key, value in saved.get("model", {}).items():
@@ -568,20 +612,31 @@ def _save_png(fig: Any, path: Path) -> None:
 
 
 def evaluate(
-    model: PixelCNN, test: Tensor, d: Dist, device: torch.device, batch_size: int, amp: bool
+    model: Model,
+    test: Tensor,
+    labels: Tensor | None,
+    d: Dist,
+    device: torch.device,
+    batch_size: int,
+    amp: bool,
 ) -> tuple[float, float]:
     """Test NLL over the whole set in (nats/dim, bits/dim), shared across ranks.
 
     Each rank takes every ``world``-th image, so no image is padded or counted twice.
+    ``labels`` are given to a conditional model.
     """
     model.eval()
     shard = test[d.rank :: d.world]
+    shard_labels = None if labels is None else labels[d.rank :: d.world]
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of nll in nats, images)
     with torch.no_grad():
         for start in range(0, shard.shape[0], batch_size):
             x = shard[start : start + batch_size].to(device, non_blocking=True).long()
+            y = None
+            if shard_labels is not None:
+                y = shard_labels[start : start + batch_size].to(device)
             with autocast(device, amp):
-                log_prob = model.log_prob(x)
+                log_prob = model.log_prob(x, labels=y)
             total[0] -= log_prob.double().sum()
             total[1] += x.shape[0]
     if d.enabled:
@@ -624,8 +679,14 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
     ckpt_path = out / "checkpoint.pt"
     torch.manual_seed(args.seed)
 
-    train, test = load_images(exp, args)
-    model = PixelCNN(
+    images = load_images(exp, args)
+    train, test = images.train, images.test
+    # Labels ride along with the images always; the model sees them with --conditional.
+    train_labels = images.train_labels
+    if train_labels is None:
+        train_labels = torch.zeros(len(train), dtype=torch.long)
+    test_labels = images.test_labels if args.conditional else None
+    model: Model = MODELS[args.model](
         exp.channels,
         exp.levels,
         hidden_channels=args.hidden_channels,
@@ -633,6 +694,7 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
         kernel_size=args.kernel_size,
         head=args.head,
         num_mixtures=args.num_mixtures,
+        num_classes=10 if args.conditional else None,
     ).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     identity = run_identity(exp, args, model.config.to_dict(), d.world)
@@ -685,9 +747,10 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-        def log_prob_of(x: Tensor) -> Tensor:
+        def log_prob_of(x: Tensor, y: Tensor) -> Tensor:
             # Through net's forward, so that DDP syncs the gradients.
-            return model.log_prob_from_params(net(x), x)
+            labels = y if args.conditional else None
+            return model.log_prob_from_params(net(x, labels=labels), x)
 
         def reached_max() -> bool:
             return args.max_steps is not None and state["step"] >= args.max_steps
@@ -699,7 +762,7 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
             order = batches(sampler, args.batch_size, state["batch_in_epoch"])
             order = order[: steps_per_epoch - state["batch_in_epoch"]]
             loader = DataLoader(
-                TensorDataset(train),
+                TensorDataset(train, train_labels),
                 batch_sampler=order,
                 num_workers=args.num_workers,
                 pin_memory=device.type == "cuda",
@@ -714,10 +777,11 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
                 dynamic_ncols=True,
             )
             started, seen = time.perf_counter(), 0
-            for (x,) in bar:
+            for x, y in bar:
                 x = x.to(device, non_blocking=True).long()
+                y = y.to(device, non_blocking=True)
                 with autocast(device, args.amp):
-                    loss = -log_prob_of(x).mean() / dims  # nats/dim
+                    loss = -log_prob_of(x, y).mean() / dims  # nats/dim
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -743,7 +807,9 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
             if not stopping:  # after each epoch, and where --max-steps ends a run
-                nats, bits = evaluate(model, test, d, device, args.eval_batch_size, args.amp)
+                nats, bits = evaluate(
+                    model, test, test_labels, d, device, args.eval_batch_size, args.amp
+                )
                 state["test_curve"].append(
                     {
                         "epoch": state["epoch"] + state["batch_in_epoch"] / steps_per_epoch,
@@ -784,7 +850,7 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
                     f"{ckpt_path}; continue with --resume"
                 )
             else:
-                write_images(model, test, exp, args, device, out)
+                write_images(model, test, test_labels, exp, args, device, out)
                 print(f"outputs in {out}")
         if d.enabled:
             dist.barrier()
@@ -819,24 +885,34 @@ def write_metrics(out: Path, state: dict[str, Any], steps_per_epoch: int) -> Non
 
 
 def write_images(
-    model: PixelCNN,
+    model: Model,
     test: Tensor,
+    test_labels: Tensor | None,
     exp: Experiment,
     args: argparse.Namespace,
     device: torch.device,
     out: Path,
 ) -> None:
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    samples = model.sample(args.num_samples, (28, 28), generator=generator)
-    rows = max(1, int(math.sqrt(args.num_samples)))
-    save_grid(
-        out / "samples.png", samples, exp.levels, rows, f"PixelCNN samples ({exp.name} MNIST)"
-    )
+    name = f"{type(model).__name__} samples ({exp.name} MNIST)"
+    if args.conditional:  # one row per class, 0 to 9
+        per_class = max(1, args.num_samples // 10)
+        labels = torch.arange(10, device=device).repeat_interleave(per_class)
+        samples = model.sample(len(labels), (28, 28), labels=labels, generator=generator)
+        save_grid(out / "samples.png", samples, exp.levels, 10, f"{name}, a row per class 0-9")
+    else:
+        samples = model.sample(args.num_samples, (28, 28), generator=generator)
+        rows = max(1, int(math.sqrt(args.num_samples)))
+        save_grid(out / "samples.png", samples, exp.levels, rows, name)
     # Completion: the top half of test digits given, the bottom half drawn.
     given = test[:10].to(device).long()
     known = torch.zeros_like(given, dtype=torch.bool)
     known[:, :, :14] = True
-    completions = [model.sample(x=given, known=known, generator=generator) for _ in range(4)]
+    given_labels = None if test_labels is None else test_labels[:10].to(device)
+    completions = [
+        model.sample(x=given, known=known, labels=given_labels, generator=generator)
+        for _ in range(4)
+    ]
     masked = torch.where(known, given, torch.zeros_like(given))
     grid = torch.stack([given, masked, *completions], dim=1).flatten(0, 1)  # (10*6, C, H, W)
     save_grid(
