@@ -7,7 +7,14 @@ medians and ratios in ``extra_info``. Nothing here asserts a time.
 from __future__ import annotations
 
 import pytest
-from cases import conv_case, head_sample_case, sample_case, train_case
+from cases import (
+    conv_case,
+    gated_sample_case,
+    gated_train_case,
+    head_sample_case,
+    sample_case,
+    train_case,
+)
 
 
 def run(benchmark, case, *args, **kwargs) -> None:
@@ -46,3 +53,11 @@ def test_sampling(benchmark, color: bool, batch: int, naive_rows: int | None, ro
 @pytest.mark.parametrize("kind", ["dmol", "embedding"], ids=["dmol-k256", "embedding-k512"])
 def test_sampling_8x8_b64(benchmark, kind: str) -> None:
     run(benchmark, head_sample_case, kind, rounds=3)
+
+
+def test_gated_training_step(benchmark) -> None:
+    run(benchmark, gated_train_case, rounds=3)
+
+
+def test_gated_sampling_b16(benchmark) -> None:
+    run(benchmark, gated_sample_case, 16, rounds=3)
