@@ -445,3 +445,16 @@ def test_gated_config_round_trip_and_errors() -> None:
         GatedPixelCNN(1, 2, kernel_size=1)
     with pytest.raises(ValueError, match="hidden_channels must be divisible by color_groups=3"):
         GatedPixelCNN(3, 4, hidden_channels=64)
+
+
+@pytest.mark.parametrize("cls", [PixelCNN, GatedPixelCNN])
+def test_a_conditioned_model_starts_as_its_unconditioned_twin(cls: type) -> None:
+    torch.manual_seed(0)
+    plain = cls(1, 2, hidden_channels=8, num_layers=2, kernel_size=3)
+    torch.manual_seed(0)
+    conditioned = cls(
+        1, 2, hidden_channels=8, num_layers=2, kernel_size=3, num_classes=10, cond_channels=3
+    )
+    x = torch.randint(0, 2, (2, 1, 5, 5))
+    out = conditioned(x, labels=torch.tensor([1, 7]), cond=torch.randn(2, 3, 5, 5))
+    torch.testing.assert_close(out, plain(x))  # equal up to float rounding

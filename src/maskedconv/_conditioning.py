@@ -116,20 +116,26 @@ class ConditionBias(nn.Module):
     """A layer's conditioning bias: a learned vector per class plus a 1x1 projection of the map.
 
     Returns ``(B, C, 1, 1)`` (labels only) or ``(B, C, H, W)``; added to the layer's
-    pre-activation.
+    pre-activation. Both start at zero, drawing nothing from the random number
+    generator: a conditioned model starts as its unconditioned twin (the same seed gives
+    the same other weights) and learns what the conditioning adds.
     """
 
     def __init__(self, channels: int, num_classes: int | None, cond_channels: int | None) -> None:
         super().__init__()
-        self.embed = nn.Embedding(num_classes, channels) if num_classes else None
-        self.project = nn.Conv2d(cond_channels, channels, 1, bias=False) if cond_channels else None
+        self.embed = (
+            nn.Parameter(torch.zeros(num_classes, channels)) if num_classes else None
+        )  # (N, C)
+        self.project = (
+            nn.Parameter(torch.zeros(channels, cond_channels)) if cond_channels else None
+        )  # (C, M)
 
     def forward(self, conditioning: Conditioning) -> Tensor:
         out: Tensor | None = None
         if self.embed is not None and conditioning.labels is not None:
-            out = self.embed(conditioning.labels)[:, :, None, None]
+            out = self.embed[conditioning.labels][:, :, None, None]
         if self.project is not None and conditioning.maps is not None:
-            projected = self.project(conditioning.maps)
+            projected = torch.einsum("cm,bmhw->bchw", self.project, conditioning.maps)
             out = projected if out is None else out + projected
         if out is None:
             raise ValueError("a conditioned layer was called without conditioning")
