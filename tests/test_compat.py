@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import maskedconv
-from maskedconv import PixelCNN, PixelCNNConfig, sample
+from maskedconv import GatedPixelCNN, GatedPixelCNNConfig, PixelCNN, PixelCNNConfig, sample
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pixelcnn_0.1.0.pt"
 SRC = Path(maskedconv.__file__).parent
@@ -40,9 +40,14 @@ def test_a_0_1_state_dict_with_a_wrong_shape_is_still_refused() -> None:
         PixelCNN.from_config(config).load_state_dict(saved["state_dict"])
 
 
-def test_config_fields_are_the_constructor_keywords() -> None:
-    params = list(inspect.signature(PixelCNN.__init__).parameters)[1:]
-    assert params == [f.name for f in fields(PixelCNNConfig)]
+@pytest.mark.parametrize(
+    ("cls", "config"), [(PixelCNN, PixelCNNConfig), (GatedPixelCNN, GatedPixelCNNConfig)]
+)
+def test_config_fields_are_the_constructor_keywords(cls: type, config: type) -> None:
+    params = inspect.signature(cls.__init__).parameters
+    assert list(params)[1:] == [f.name for f in fields(config)]
+    for f in fields(config):  # and the defaults agree
+        assert params[f.name].default in (f.default, inspect.Parameter.empty), f.name
     model = PixelCNN(3, 16, head="dmol", input="embedding", embedding_dim=3, hidden_channels=6)
     again = PixelCNN.from_config(model.config.to_dict())
     assert again.config == model.config and again.stem.embedding_dim == 3
