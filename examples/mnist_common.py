@@ -365,6 +365,14 @@ def make_parser(exp: Experiment, description: str) -> argparse.ArgumentParser:
         "vertical and horizontal stacks (none)",
     )
     p.add_argument(
+        "--color-groups",
+        type=int,
+        default=None,
+        help="ordered channel groups: 1 models the channels independently given the past "
+        "(the course's 'independent channels'); default: the head's choice (categorical: "
+        "one per channel, R -> G -> B; dmol: 1)",
+    )
+    p.add_argument(
         "--conditional",
         action="store_true",
         help="condition on the digit class; the sample grid has one row per class",
@@ -374,7 +382,7 @@ def make_parser(exp: Experiment, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_args(exp: Experiment, parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "eval_batch_size", "num_samples", "num_mixtures"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, but got {getattr(args, name)}")
@@ -382,6 +390,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--max-steps must be >= 1, but got {args.max_steps}")
     if args.lr <= 0:
         parser.error(f"--lr must be > 0, but got {args.lr}")
+    if args.color_groups is not None and (
+        args.color_groups < 1 or exp.channels % args.color_groups
+    ):
+        parser.error(
+            f"--color-groups must divide the {exp.channels} channels, but got {args.color_groups}"
+        )
     if args.num_workers < 0:
         parser.error(f"--num-workers must be >= 0, but got {args.num_workers}")
 
@@ -665,7 +679,7 @@ def param_checksum(model: nn.Module) -> Tensor:
 def run(exp: Experiment, description: str, argv: list[str] | None = None) -> int:
     parser = make_parser(exp, description)
     args = parser.parse_args(argv)
-    check_args(parser, args)
+    check_args(exp, parser, args)
     try:
         return _train(exp, args)
     except DataError as err:
@@ -695,6 +709,7 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
         head=args.head,
         num_mixtures=args.num_mixtures,
         num_classes=10 if args.conditional else None,
+        color_groups=args.color_groups,
     ).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     identity = run_identity(exp, args, model.config.to_dict(), d.world)

@@ -425,6 +425,18 @@ def test_gray_example_with_the_mixture_head(tmp_path: Path, data_args: list[str]
     )
 
 
+def test_color_groups_flag(
+    tmp_path: Path, data_args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [*data_args, *TINY, "--hidden-channels", "12", "--out-dir", str(tmp_path)]
+    assert mc.run(mc.COLOR, "t", [*args, "--color-groups", "1", "--max-steps", "1"]) == 0
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["identity"]["model"]["color_groups"] == 1
+    with pytest.raises(SystemExit):
+        mc.run(mc.COLOR, "t", [*args, "--color-groups", "2"])
+    assert "--color-groups must divide the 3 channels, but got 2" in capsys.readouterr().err
+
+
 def test_conditional_needs_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "mnist.pkl"
     data = {"train": np.zeros((4, 28, 28, 1), np.uint8), "test": np.zeros((4, 28, 28, 1), np.uint8)}
