@@ -476,7 +476,7 @@ def test_bad_checker_arguments(kwargs: dict, message: str) -> None:
 
 
 def test_an_image_smaller_than_the_reach_warns() -> None:
-    with pytest.warns(UserWarning, match="smaller than the reach of the module's kernels"):
+    with pytest.warns(UserWarning, match="smaller than the reach of the module's largest kernel"):
         assert_causal(MaskedConv2d(1, 1, 7, mask_type="A"), (1, 1, 3, 3))
 
 

@@ -350,18 +350,20 @@ def _forward_kwargs(labels: Tensor | None, cond: Tensor | None, batch: int) -> d
 
 
 def _warn_if_smaller_than_reach(module: Any, shape: tuple[int, int, int, int]) -> None:
+    # A leaking tap at offset (dr, dc) of one kernel shows only in an image taller than
+    # dr and wider than dc: check that the image covers the largest kernel's reach.
     rows = cols = 0
     for m in _submodules(module):
         kernel, dilation = getattr(m, "kernel_size", None), getattr(m, "dilation", None)
         if isinstance(kernel, tuple) and isinstance(dilation, tuple) and len(kernel) == 2:
-            rows += dilation[0] * (kernel[0] - 1) // 2
-            cols += dilation[1] * (kernel[1] - 1) // 2
+            rows = max(rows, dilation[0] * (kernel[0] - 1) // 2)
+            cols = max(cols, dilation[1] * (kernel[1] - 1) // 2)
     height, width = shape[2:]
-    if height <= rows or width <= 2 * cols:
+    if height <= rows or width <= cols:
         warnings.warn(
-            f"input_shape {shape} is smaller than the reach of the module's kernels "
-            f"({rows} rows up, {cols} columns each side): a leak at a far tap may go unseen; "
-            f"check at H >= {rows + 1} and W >= {2 * cols + 1}",
+            f"input_shape {shape} is smaller than the reach of the module's largest kernel "
+            f"({rows} rows, {cols} columns from its centre): a leak at a far tap may go "
+            f"unseen; check at H >= {rows + 1} and W >= {cols + 1}",
             stacklevel=3,
         )
 
