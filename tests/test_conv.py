@@ -284,3 +284,35 @@ def test_cropped_kernel_equals_full_masked_conv_float32(channels_last: bool) -> 
     g_ref = torch.autograd.grad(ref.square().sum(), (x, conv.weight))
     for a, b in zip(g_ours, g_ref, strict=True):  # float tolerance, relative to the scale
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(kernel_size=3.0), TypeError, "kernel_size must be an int, but got float 3.0"),
+        (dict(kernel_size="3"), TypeError, "kernel_size must be an int, but got str '3'"),
+        (
+            dict(kernel_size=(3, 3, 3)),
+            ValueError,
+            "kernel_size must be an int or a pair of ints, but got (3, 3, 3)",
+        ),
+        (dict(kernel_size=-3), ValueError, "kernel_size must be positive and odd, but got -3"),
+        (
+            dict(kernel_size=3, dilation=-1),
+            ValueError,
+            "dilation must be a positive int or pair, but got -1",
+        ),
+    ],
+)
+def test_clear_errors_for_kernel_and_dilation(kwargs: dict, error: type, message: str) -> None:
+    with pytest.raises(error) as info:
+        MaskedConv2d(2, 2, **kwargs)
+    assert message in str(info.value)
+
+
+def test_numpy_integers_are_taken_as_nn_conv2d_takes_them() -> None:
+    import numpy as np
+
+    conv = MaskedConv2d(np.int64(2), np.int64(4), np.int64(3), dilation=np.int32(1))
+    assert conv.in_channels == 2 and conv.kernel_size == (3, 3)
+    assert conv(torch.zeros(1, 2, 5, 5)).shape == (1, 4, 5, 5)

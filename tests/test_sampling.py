@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from maskedconv import PixelCNN, sample
+from maskedconv import PixelCNN, nll_per_dim, sample
 
 
 def peaked_model(c: int, levels: int = 2, seed: int = 0, **kwargs) -> PixelCNN:
@@ -229,3 +229,70 @@ def test_pixelcnn_sample_needs_both_sizes() -> None:
     model = PixelCNN(1, 2, hidden_channels=4, num_layers=1)
     with pytest.raises(ValueError, match="num_samples and image_size go together"):
         model.sample(4)
+
+
+# --- bad and edge inputs found by a careful user (issue 10) ---------------------------
+
+
+def test_a_tiny_temperature_takes_the_most_likely_level() -> None:
+    from maskedconv._heads import draw_from_log_probs
+
+    logits = torch.tensor([[[0.0, 3.0, 1.0], [5.0, -2.0, 4.9]]])
+    for temperature in (1e-3, 1e-30, 1e-45, 5e-324):
+        draws = draw_from_log_probs(logits, temperature, torch.Generator().manual_seed(0))
+        assert draws.tolist() == [[1, 0]], temperature
+
+
+def test_a_contradicting_colour_order_is_refused() -> None:
+    model = PixelCNN(3, 2, hidden_channels=6, num_layers=1, kernel_size=3)
+    with pytest.raises(ValueError, match="color_groups=1 contradicts the model's color_groups=3"):
+        sample(model, (1, 3, 2, 2), color_groups=1)
+    with pytest.raises(
+        ValueError,
+        match="group_layout='interleaved' contradicts the model's group_layout='blocked'",
+    ):
+        sample(model, (1, 3, 2, 2), group_layout="interleaved")
+    sample(model, (1, 3, 2, 2), color_groups=3, group_layout="blocked")  # agreeing is fine
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (
+            lambda m: sample(m, (1, 1, 2, 2), generator=0),
+            TypeError,
+            "generator must be a torch.Generator",
+        ),
+        (
+            lambda m: m.sample(2, 28),
+            ValueError,
+            "image_size must be (H, W), e.g. (28, 28), but got 28",
+        ),
+        (
+            lambda m: nll_per_dim(torch.zeros(2), 784),
+            ValueError,
+            "image_shape must be (C, H, W) or (B, C, H, W), e.g. x.shape, but got 784",
+        ),
+    ],
+)
+def test_clear_errors_for_common_slips(call, error, message) -> None:
+    model = PixelCNN(1, 2, hidden_channels=4, num_layers=1, kernel_size=3)
+    with pytest.raises(error) as info:
+        call(model)
+    assert message in str(info.value)
+
+
+def test_a_pixelcnn_that_could_never_see_its_input_is_refused() -> None:
+    with pytest.raises(
+        ValueError, match="kernel_size must be >= 3: with 1 the type-A conv sees no other pixel"
+    ):
+        PixelCNN(1, 2, kernel_size=1)
+
+
+def test_a_generator_on_another_gpu_is_another_device() -> None:
+    from maskedconv._sampling import _same_device
+
+    assert not _same_device(torch.device("cuda:1"), torch.device("cuda:0"))
+    assert _same_device(torch.device("cuda"), torch.device("cuda:0"))
+    assert _same_device(torch.device("cpu"), torch.device("cpu"))
+    assert not _same_device(torch.device("cuda:0"), torch.device("cpu"))

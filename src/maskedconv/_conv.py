@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any, TypeAlias, cast
 
@@ -83,6 +84,28 @@ def _crop_plan(
     return (slices[0], slices[1]), (padding[0], padding[1]), (offsets[0], offsets[1])
 
 
+def _index(name: str, value: object) -> int:
+    """An int (numpy integers too, as ``nn.Conv2d`` takes them), else a ``TypeError``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, but got {value!r}")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an int, but got {type(value).__name__} {value!r}"
+        ) from None
+
+
+def _int_pair(name: str, value: object) -> tuple[int, int]:
+    """An int or a pair of ints, as ``nn.Conv2d`` takes ``kernel_size`` and ``dilation``."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, but got {value!r}")
+        return _index(name, value[0]), _index(name, value[1])
+    one = _index(name, value)
+    return one, one
+
+
 class MaskedConv2d(nn.Conv2d):
     """A 2-D convolution that sees only the causal past of each output.
 
@@ -154,16 +177,22 @@ class MaskedConv2d(nn.Conv2d):
         dtype: torch.dtype | None = None,
     ) -> None:
         resolve_mask_type(mask_type)
-        kernel = _pair(kernel_size)
-        dilation2 = _pair(dilation)
+        kernel = _int_pair("kernel_size", kernel_size)
+        dilation2 = _int_pair("dilation", dilation)
+        in_channels = _index("in_channels", in_channels)
+        out_channels = _index("out_channels", out_channels)
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if value < 1:
                 raise ValueError(f"{name} must be a positive int, but got {value!r}")
-        if any(k % 2 == 0 or k < 1 for k in kernel):
+        if any(k < 1 for k in kernel):
+            raise ValueError(f"kernel_size must be positive and odd, but got {kernel_size}")
+        if any(k % 2 == 0 for k in kernel):
             raise ValueError(
                 "kernel_size must be odd so that the kernel has a centre tap, "
                 f"but got {kernel_size}"
             )
+        if any(d < 1 for d in dilation2):
+            raise ValueError(f"dilation must be a positive int or pair, but got {dilation}")
         if _pair(stride) != (1, 1):
             raise ValueError(
                 f"stride must be 1: a strided masked conv cannot emit every pixel, but got {stride}"

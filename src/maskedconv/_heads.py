@@ -42,7 +42,11 @@ def draw_from_log_probs(logits: Tensor, temperature: float, generator: torch.Gen
     dtype = torch.promote_types(logits.dtype, torch.float32)
     logits = logits.to(dtype)
     if temperature != 1.0:
-        logits = logits / temperature
+        # Shifted so that the largest is exactly 0 and kept so: a tiny temperature then
+        # sends the others to -inf (the most likely level), where logits / T alone would
+        # overflow, and 0 / T with T rounding to 0 would be NaN.
+        shifted = logits - logits.amax(-1, keepdim=True)
+        logits = torch.where(shifted == 0, shifted, shifted / temperature)
     cdf = torch.softmax(logits, dim=-1).cumsum_(-1)  # (B, n, K)
     u = torch.rand((*cdf.shape[:-1], 1), generator=generator, device=cdf.device, dtype=dtype)
     # Rounding can leave the last cumulative value just below u: clamp to K - 1.

@@ -163,6 +163,11 @@ class PixelCNNConfig(ModelConfig):
     block: str = "residual"  # "residual" (design blog) or "bottleneck" (course solution)
 
     def _check_trunk(self, groups: int) -> None:
+        if self.kernel_size < 3:
+            raise ValueError(
+                f"kernel_size must be >= 3: with 1 the type-A conv sees no other pixel, so the "
+                f"model would never see the image's past, but got {self.kernel_size}"
+            )
         if self.block not in _BLOCKS:
             raise ValueError(f"block must be one of {tuple(_BLOCKS)}, but got {self.block!r}")
         divisor = 2 * groups if self.block == "bottleneck" and self.num_layers > 1 else groups
@@ -357,6 +362,10 @@ class AutoregressiveModel(nn.Module):
                 raise ValueError(
                     f"num_samples and image_size go together, but got num_samples={num_samples} "
                     f"and image_size={image_size}"
+                )
+            if not isinstance(image_size, (tuple, list)) or len(image_size) != 2:
+                raise ValueError(
+                    f"image_size must be (H, W), e.g. (28, 28), but got {image_size!r}"
                 )
             height, width = image_size
             shape = (num_samples, self.in_channels, height, width)
@@ -594,6 +603,10 @@ def nll_per_dim(
     """
     if unit not in ("nats", "bits"):
         raise ValueError(f"unit must be 'nats' or 'bits', but got {unit!r}")
+    if not isinstance(image_shape, (Sequence, torch.Size)) or isinstance(image_shape, str):
+        raise ValueError(
+            f"image_shape must be (C, H, W) or (B, C, H, W), e.g. x.shape, but got {image_shape!r}"
+        )
     dims = list(image_shape)[-3:]
     if len(dims) != 3:
         raise ValueError(

@@ -320,13 +320,26 @@ def sample(
     if generator is None:
         generator = torch.Generator(device=device)
         generator.seed()
-    elif generator.device.type != device.type:
+    elif not isinstance(getattr(generator, "device", None), torch.device):
+        raise TypeError(
+            f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), "
+            f"but got {type(generator).__name__} {generator!r}"
+        )
+    elif not _same_device(generator.device, device):
         raise ValueError(
             f"generator must be on the model's device {device}, but got a generator on "
             f"{generator.device}"
         )
     images, known = _start_images(shape, x, known, device)
     batch, channels, height, width = images.shape
+    for name, given in (("color_groups", color_groups), ("group_layout", group_layout)):
+        own = getattr(model, name, None)
+        if given is not None and own is not None and given != own:
+            # Another order than the model's would draw from the wrong distribution.
+            raise ValueError(
+                f"{name}={given!r} contradicts the model's {name}={own!r}; leave it out "
+                f"(it is only for models without a {name} attribute)"
+            )
     groups = color_groups if color_groups is not None else getattr(model, "color_groups", 1)
     layout = group_layout if group_layout is not None else getattr(model, "group_layout", "blocked")
     members = group_slices(channels, groups, layout)  # slices: cheaper to index than lists
@@ -407,6 +420,12 @@ def _conditioning_kwargs(labels: Tensor | None, cond: Tensor | None) -> dict[str
     if cond is not None:
         kwargs["cond"] = cond
     return kwargs
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    # "cuda" and "cuda:0" name the same device (with the default current device); cuda:1
+    # is another one, whose generator cannot feed draws on cuda:0.
+    return a.type == b.type and (a.type == "cpu" or (a.index or 0) == (b.index or 0))
 
 
 def _check_known_values(images: Tensor, known: Tensor, levels: int) -> None:
