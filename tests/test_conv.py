@@ -316,3 +316,21 @@ def test_numpy_integers_are_taken_as_nn_conv2d_takes_them() -> None:
     conv = MaskedConv2d(np.int64(2), np.int64(4), np.int64(3), dilation=np.int32(1))
     assert conv.in_channels == 2 and conv.kernel_size == (3, 3)
     assert conv(torch.zeros(1, 2, 5, 5)).shape == (1, 4, 5, 5)
+
+
+def test_meta_construction_and_to_empty_rebuild_the_mask() -> None:
+    from maskedconv import GatedPixelCNN, PixelCNN
+
+    for cls in (PixelCNN, GatedPixelCNN):
+        torch.manual_seed(0)
+        reference = cls(3, 4, hidden_channels=12, num_layers=2, kernel_size=3)
+        x = torch.randint(0, 4, (2, 3, 5, 5))
+        with torch.device("meta"):
+            on_meta = cls(3, 4, hidden_channels=12, num_layers=2, kernel_size=3)
+        moved = cls(3, 4, hidden_channels=12, num_layers=2, kernel_size=3).to("meta")
+        for model in (on_meta, moved):
+            model.to_empty(device="cpu")
+            model.load_state_dict(reference.state_dict())
+            torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+            conv = model.input_conv if cls is PixelCNN else model.layers[0].h_conv
+            assert torch.equal(conv.mask, conv._mask_source)

@@ -239,20 +239,31 @@ class MaskedConv2d(nn.Conv2d):
         self.mask_type = mask_type
         self.color_groups = color_groups
         self.group_layout = group_layout
-        mask = make_mask(
-            mask_type,
-            out_channels=out_channels,
-            in_channels=in_channels // groups,
-            kernel_size=kernel,
-            color_groups=color_groups,
-            group_layout=group_layout,
-        )
+        with torch.device("cpu"):  # real values even under `with torch.device("meta")`
+            mask = make_mask(
+                mask_type,
+                out_channels=out_channels,
+                in_channels=in_channels // groups,
+                kernel_size=kernel,
+                color_groups=color_groups,
+                group_layout=group_layout,
+            )
+        # The mask is rebuilt from this copy whenever the module's tensors are (see
+        # _apply): `.to_empty()` would otherwise leave it uninitialised memory.
+        self._mask_source = mask
         self.register_buffer(
             "mask", mask.to(device=self.weight.device, dtype=self.weight.dtype), persistent=False
         )
         with torch.no_grad():
             self.weight.mul_(self.mask)
         self._crop = _crop_plan(mask, dilation2)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> MaskedConv2d:
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        source = getattr(self, "_mask_source", None)  # absent while nn.Conv2d.__init__ runs
+        if source is not None:
+            self.mask = source.to(device=self.weight.device, dtype=self.weight.dtype)
+        return self
 
     def reset_parameters(self) -> None:
         """Re-initialise as ``nn.Conv2d`` does, then zero the masked weights again."""
