@@ -477,6 +477,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def prepare_out_dir(out: Path) -> None:
+    """Check that ``out`` can be written before any work, and clear stale temporaries.
+
+    A save killed between writing and renaming leaves a ``.NAME.*.tmp`` file (a whole
+    checkpoint's size); the run that finds them is the only writer, so they go.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise DataError(f"--out-dir {out} cannot be written: {err.strerror or err}") from None
+    for stale in out.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -693,6 +710,8 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
     ckpt_path = out / "checkpoint.pt"
     torch.manual_seed(args.seed)
 
+    if d.main:
+        prepare_out_dir(out)
     images = load_images(exp, args)
     train, test = images.train, images.test
     # Labels ride along with the images always; the model sees them with --conditional.
@@ -725,6 +744,12 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
         check_identity(saved["identity"], identity, ckpt_path)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])  # moves its tensors to the model's device
+        old_lr = optimizer.param_groups[0]["lr"]
+        if old_lr != args.lr:  # --lr on resume: applied, and said
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr
+            if d.main:
+                print(f"--resume: learning rate changed from {old_lr:g} to {args.lr:g}")
         torch.set_rng_state(saved["rng_cpu"])
         state = {key: saved[key] for key in state}
     net: nn.Module = model
@@ -805,6 +830,14 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
                 state["batch_in_epoch"] += 1
                 seen += x.shape[0] * d.world
                 value = loss.item()
+                if not math.isfinite(value):
+                    # Stop before this step's weights reach a checkpoint: the last
+                    # saved one stays the last good one.
+                    raise DataError(
+                        f"the training loss is {value} at step {state['step']}: stopping "
+                        f"(the checkpoint in {out} is from before it); lower --lr or "
+                        f"--clip, or check the data and the checkpoint"
+                    )
                 state["train_curve"].append([state["step"], value])
                 bar.set_postfix(
                     nats_per_dim=f"{value:.4f}",

@@ -446,3 +446,49 @@ def test_conditional_needs_labels(tmp_path: Path, capsys: pytest.CaptureFixture[
     )
     assert code == 2
     assert "the course's pickles carry no class labels" in capsys.readouterr().err
+
+
+# --- reliability findings of the release-readiness issue ----------------------------------
+
+
+def test_an_unwritable_out_dir_is_found_before_any_work(
+    tmp_path: Path, data_args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert run_binary(blocker / "run", data_args) == 2
+    err = capsys.readouterr().err
+    assert f"--out-dir {blocker / 'run'} cannot be written" in err and "Traceback" not in err
+
+
+def test_stale_temporaries_are_cleared_at_start(tmp_path: Path, data_args: list[str]) -> None:
+    stale = tmp_path / ".checkpoint.pt.x1y2z3.tmp"
+    tmp_path.mkdir(exist_ok=True)
+    stale.write_bytes(b"\0" * 1000)
+    assert run_binary(tmp_path, data_args, "--max-steps", "1") == 0
+    assert not stale.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_resume_applies_a_new_learning_rate_and_says_so(
+    tmp_path: Path, data_args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_binary(tmp_path, data_args, "--max-steps", "1") == 0
+    assert run_binary(tmp_path, data_args, "--max-steps", "2", "--resume", "--lr", "3e-4") == 0
+    assert "--resume: learning rate changed from 0.001 to 0.0003" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == 3e-4
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, data_args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_binary(tmp_path, data_args, "--max-steps", "1") == 0
+    path = tmp_path / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    first = next(k for k in ckpt["model"] if k.endswith("weight"))
+    ckpt["model"][first] = torch.full_like(ckpt["model"][first], float("nan"))
+    torch.save(ckpt, path)
+    before = path.read_bytes()
+    assert run_binary(tmp_path, data_args, "--max-steps", "3", "--resume") == 2
+    assert "the training loss is nan at step 2: stopping" in capsys.readouterr().err
+    assert path.read_bytes() == before  # nothing written over it
