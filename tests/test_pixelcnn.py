@@ -232,3 +232,20 @@ def test_config_errors(kwargs: dict, message: str) -> None:
     assert message in str(info.value)
     with pytest.raises(ValueError):
         PixelCNN(args.pop("in_channels"), args.pop("levels"), **args)
+
+
+def test_log_prob_refuses_ignored_values_and_non_finite_parameters() -> None:
+    model = PixelCNN(1, 2, hidden_channels=4, num_layers=1, kernel_size=3)
+    x = torch.zeros(1, 1, 3, 3, dtype=torch.long)
+    params = model(x)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = -100  # cross-entropy's ignore index: once scored as probability 1
+    with pytest.raises(
+        ValueError,
+        match=r"x must have values in \[0, 2\) \(levels=2\), but got values in \[-100, 0\]",
+    ):
+        model.log_prob_from_params(params, bad)
+    broken = params.detach().clone()
+    broken[0, 0, :, 1, 1] = float("inf")
+    with pytest.raises(ValueError, match="log_prob is not finite"):
+        model.log_prob_from_params(broken, x)

@@ -319,8 +319,20 @@ class AutoregressiveModel(nn.Module):
 
         Returns:
             ``(B,)`` log-likelihoods in nats, computed in at least float32.
+
+        Raises:
+            ValueError: for values of ``x`` outside ``[0, K)`` (no value is ignored, as
+                cross-entropy's ``-100`` would be), or a non-finite result (infinite or
+                NaN parameters: a diverged model).
         """
-        return self.head.log_prob(params, x).flatten(1).sum(1)
+        self._check_images(x)
+        out = self.head.log_prob(params, x).flatten(1).sum(1)
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(out).all()):
+            raise ValueError(
+                "log_prob is not finite: the model's parameters (its output) hold inf or NaN, "
+                "e.g. after a diverged training step or from a corrupt checkpoint"
+            )
+        return out
 
     def _check_own_forward(self, base: type[AutoregressiveModel]) -> None:
         cls = type(self)
