@@ -820,8 +820,14 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
             for x, y in bar:
                 x = x.to(device, non_blocking=True).long()
                 y = y.to(device, non_blocking=True)
-                with autocast(device, args.amp):
-                    loss = -log_prob_of(x, y).mean() / dims  # nats/dim
+                try:
+                    with autocast(device, args.amp):
+                        loss = -log_prob_of(x, y).mean() / dims  # nats/dim
+                except ValueError as err:  # e.g. NaN weights: log_prob refuses them
+                    raise DataError(
+                        f"at step {state['step'] + 1}: {err}; stopping (the checkpoint in "
+                        f"{out} is from before it)"
+                    ) from None
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip)

@@ -490,5 +490,5 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
     torch.save(ckpt, path)
     before = path.read_bytes()
     assert run_binary(tmp_path, data_args, "--max-steps", "3", "--resume") == 2
-    assert "the training loss is nan at step 2: stopping" in capsys.readouterr().err
+    assert "at step 2: log_prob is not finite" in capsys.readouterr().err
     assert path.read_bytes() == before  # nothing written over it
