@@ -308,7 +308,8 @@ class AutoregressiveModel(nn.Module):
             ``(B,)`` log-likelihoods in nats. :func:`nll_per_dim` turns them into
             nats/dim or bits/dim.
         """
-        return self.log_prob_from_params(self(x, labels, cond), x)
+        # forward has checked x already: score without checking it a second time.
+        return self._score(self(x, labels, cond), x)
 
     def log_prob_from_params(self, params: Tensor, x: Tensor) -> Tensor:
         """``log p(x)`` in nats from parameters already computed, e.g. by a DDP wrapper.
@@ -326,6 +327,9 @@ class AutoregressiveModel(nn.Module):
                 NaN parameters: a diverged model).
         """
         self._check_images(x)
+        return self._score(params, x)
+
+    def _score(self, params: Tensor, x: Tensor) -> Tensor:
         out = self.head.log_prob(params, x).flatten(1).sum(1)
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(out).all()):
             raise ValueError(

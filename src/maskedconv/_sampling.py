@@ -174,7 +174,12 @@ class IncrementalEvaluator:
         self.channels = int(getattr(model, "in_channels", 0)) or None
         groups = color_groups if color_groups is not None else getattr(model, "color_groups", 1)
         layout = group_layout if group_layout is not None else getattr(model, "group_layout", None)
-        self._groups_and_layout = (int(groups), str(layout or "blocked"))
+        # Each group's channels, once: advance() reads them at every position.
+        self._groups = (
+            None
+            if self.channels is None
+            else group_slices(self.channels, int(groups), str(layout or "blocked"))
+        )
         self.batch_size = batch_size
         self.height, self.width = image_size
         self.row = self.col = 0
@@ -184,9 +189,9 @@ class IncrementalEvaluator:
     @property
     def groups(self) -> list[slice]:
         """The channels of each colour group, in the order they are decoded."""
-        if self.channels is None:
+        if self._groups is None:
             raise ValueError("the model has no in_channels attribute: groups are unknown")
-        return group_slices(self.channels, *self._groups_and_layout)
+        return list(self._groups)
 
     @property
     def position(self) -> tuple[int, int]:
@@ -234,7 +239,7 @@ class IncrementalEvaluator:
     def _sees_same(self, last: Tensor, pixel: Tensor) -> bool:
         # Nothing at a position sees its last group: if the last step had every other
         # group's final values, its activations there are final.
-        earlier = self.groups[:-1] if self.channels is not None else []
+        earlier = self._groups[:-1] if self._groups is not None else []
         return all(torch.equal(last[:, chans], pixel[:, chans]) for chans in earlier)
 
     def _finish(self, pixel: Tensor, computed: bool) -> None:
