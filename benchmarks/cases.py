@@ -284,3 +284,41 @@ def gated_sample_case(batch: int, rounds: int) -> Result:
         ],
         cache_bytes=gated.incremental(batch, 28).cache_bytes(),  # type: ignore[attr-defined]
     )
+
+
+# --- a prior over VQ-VAE codes ------------------------------------------------------------
+
+
+def code_prior_sample_case(rounds: int) -> Result:
+    """100 class-conditional 7x7 maps of K = 512 codes (examples/vqvae_prior.py's prior):
+    the cached sampler against the plain loop, one forward pass per position."""
+    torch.manual_seed(0)
+    prior = GatedPixelCNN(
+        1, 512, input="embedding", num_classes=10, hidden_channels=64, num_layers=6, kernel_size=3
+    ).eval()
+    shape, labels = (100, 1, 7, 7), torch.arange(10).repeat_interleave(10)
+    zeros = torch.zeros(shape, dtype=torch.long)
+
+    def draw(method: str) -> Callable[[], None]:
+        def go() -> None:
+            gen = torch.Generator().manual_seed(0)
+            sample(prior, shape, labels=labels, generator=gen, method=method)
+
+        return go
+
+    def forward() -> None:
+        with torch.no_grad():
+            prior(zeros, labels=labels)
+
+    medians = interleaved(
+        {"forward": forward, "cached": draw("cached"), "plain_loop": draw("naive")}, rounds
+    )
+    return finish(
+        medians,
+        [
+            ratio("plain loop / cached (speed-up)", "plain_loop", "cached", ">= 50"),
+            ratio("cached / one forward", "cached", "forward"),
+            ratio("plain loop / one forward", "plain_loop", "forward"),
+        ],
+        cache_bytes=prior.incremental(100, 7).cache_bytes(),  # type: ignore[attr-defined]
+    )

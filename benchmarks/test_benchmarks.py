@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 from cases import (
+    code_prior_sample_case,
     conv_case,
     gated_sample_case,
     gated_train_case,
@@ -61,3 +62,7 @@ def test_gated_training_step(benchmark) -> None:
 
 def test_gated_sampling_b16(benchmark) -> None:
     run(benchmark, gated_sample_case, 16, rounds=3)
+
+
+def test_code_prior_sampling_7x7_k512_b100(benchmark) -> None:
+    run(benchmark, code_prior_sample_case, rounds=5)

@@ -418,25 +418,39 @@ class Dist:
         return self.world > 1
 
 
-def setup_distributed(device_flag: str) -> tuple[Dist, torch.device]:
-    """Join the torchrun process group if launched by torchrun; pick the device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+def pick_device(device_flag: str, local_rank: int | None = None) -> torch.device:
+    """``--device``: ``auto`` takes CUDA, then MPS, then the CPU.
+
+    ``local_rank`` (under torchrun) chooses the GPU of this process.
+    """
     if device_flag == "auto":
         if torch.cuda.is_available():
-            device = torch.device("cuda", d.local_rank if d.enabled else 0)
+            device = torch.device("cuda", local_rank or 0)
         elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             device = torch.device("mps")
         else:
             device = torch.device("cpu")
     else:
-        device = torch.device(device_flag)
-        if device.type == "cuda" and d.enabled and device.index is None:
-            device = torch.device("cuda", d.local_rank)
+        try:
+            device = torch.device(device_flag)
+        except RuntimeError:
+            raise DataError(
+                f"--device {device_flag!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
+            ) from None
+        if device.type == "cuda" and local_rank is not None and device.index is None:
+            device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DataError(f"--device {device_flag}: CUDA is not available on this machine")
         torch.cuda.set_device(device)
+    return device
+
+
+def setup_distributed(device_flag: str) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group if launched by torchrun; pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = pick_device(device_flag, d.local_rank if d.enabled else None)
     if d.enabled:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return d, device

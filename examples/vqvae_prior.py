@@ -1,0 +1,743 @@
+"""A PixelCNN prior over the discrete codes of a VQ-VAE, on MNIST, end to end.
+
+Stage 1 trains a small VQ-VAE: 28x28 grayscale digits -> a 7x7 map of codes from a
+codebook of K = 512 (vector-quantize-pytorch's EMA codebook, with dead-code
+replacement), then encodes the train and test sets once. Stage 2 trains a
+class-conditional ``GatedPixelCNN(1, K, input="embedding", num_classes=10)`` over the
+code maps: a code is looked up in an embedding table, never one-hot encoded. Stage 3
+draws code maps per class with the cached sampler, decodes them, and writes the grids,
+the metrics and the final models. ``--hierarchy 2`` adds VQ-VAE-2's second level: a
+14x14 bottom map whose prior is conditioned on the top map through ``cond=``, sampled
+top first, then bottom.
+
+    pip install -e ".[examples]"
+    python examples/vqvae_prior.py --data-dir ../shared/data/mnist
+    python examples/vqvae_prior.py --data-dir ../shared/data/mnist --hierarchy 2
+
+Every stage keeps an atomic checkpoint in --out-dir; Ctrl-C stops after the current
+step and ``--resume`` continues where the run stopped, in whichever stage. The final
+models go to OUT_DIR/models.pt (plain tensors and numbers: ``torch.load(...,
+weights_only=True)`` reads it, and :func:`load_models` rebuilds the modules).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mnist_common import (
+    DataError,
+    StopFlag,
+    _save_png,
+    atomic_write_bytes,
+    image_grid,
+    load_checkpoint,
+    load_mnist,
+    pick_device,
+    prepare_out_dir,
+    save_checkpoint,
+)
+
+from maskedconv import GatedPixelCNN
+
+FORMAT = "maskedconv-example-vqvae-prior/1"
+STAGE_FILES = ("vqvae.ckpt.pt", "codes.pt", "prior_top.ckpt.pt", "prior_bottom.ckpt.pt")
+
+# --------------------------------------------------------------------------- VQ-VAE
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    """Everything needed to rebuild a :class:`VQVAE`; plain values, safe to save."""
+
+    hierarchy: int = 1  # 1: a 7x7 map; 2: a 7x7 top map and a 14x14 bottom map
+    hidden_channels: int = 64
+    code_dim: int = 64
+    codebook_size: int = 512
+    decay: float = 0.9  # EMA decay of the codebook
+    commitment_weight: float = 0.25
+    dead_code_threshold: float = 2.0  # codes used fewer times in a batch are re-drawn
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+def _down(c_in: int, c_out: int) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)  # halves H and W
+
+
+def _up(c_in: int, c_out: int) -> nn.ConvTranspose2d:
+    return nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)  # doubles H and W
+
+
+class VQVAE(nn.Module):
+    """A small VQ-VAE for 28x28 grayscale images, one or two levels of codes.
+
+    One level: encoder 28 -> 14 -> 7, a codebook of K vectors, decoder 7 -> 14 -> 28.
+    Two levels (VQ-VAE-2's structure): the bottom encoder stops at 14x14; the top map is
+    encoded from it at 7x7 and quantized; the bottom map is quantized from the bottom
+    features joined with the decoded top map; the decoder reads both. Code maps are
+    listed top first. The decoder gives logits of each pixel's gray value in [0, 1].
+    """
+
+    def __init__(self, config: VQVAEConfig) -> None:
+        from vector_quantize_pytorch import VectorQuantize
+
+        super().__init__()
+        self.config = config
+        h, d = config.hidden_channels, config.code_dim
+
+        def quantizer() -> nn.Module:
+            return VectorQuantize(
+                dim=d,
+                codebook_size=config.codebook_size,
+                decay=config.decay,
+                commitment_weight=config.commitment_weight,
+                kmeans_init=True,
+                threshold_ema_dead_code=config.dead_code_threshold,
+                accept_image_fmap=True,
+            )
+
+        self.enc_bottom = nn.Sequential(
+            _down(1, h), nn.ReLU(), nn.Conv2d(h, h, 3, padding=1), _Residual(h)
+        )
+        self.enc_top = nn.Sequential(_down(h, h), _Residual(h), nn.ReLU(), nn.Conv2d(h, d, 1))
+        self.vq_top = quantizer()
+        if config.hierarchy == 2:
+            self.dec_top = nn.Sequential(nn.Conv2d(d, h, 3, padding=1), _Residual(h), _up(h, h))
+            self.pre_bottom = nn.Conv2d(2 * h, d, 1)
+            self.vq_bottom = quantizer()
+            self.up_top = _up(d, d)
+            self.decoder = nn.Sequential(
+                nn.Conv2d(2 * d, h, 3, padding=1), _Residual(h), nn.ReLU(), _up(h, 1)
+            )
+        else:
+            self.decoder = nn.Sequential(
+                nn.Conv2d(d, h, 3, padding=1),
+                _Residual(h),
+                nn.ReLU(),
+                _up(h, h),
+                nn.ReLU(),
+                _up(h, 1),
+            )
+
+    @property
+    def map_sizes(self) -> list[tuple[int, int]]:
+        return [(7, 7)] if self.config.hierarchy == 1 else [(7, 7), (14, 14)]
+
+    def quantizers(self) -> list[nn.Module]:
+        return [self.vq_top] if self.config.hierarchy == 1 else [self.vq_top, self.vq_bottom]
+
+    def encode(self, x: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """``x (B, 1, 28, 28)`` in [0, 1] -> (quantized maps, code maps, commitment loss),
+        top first."""
+        features = self.enc_bottom(x * 2 - 1)
+        q_top, codes_top, loss = self.vq_top(self.enc_top(features))
+        if self.config.hierarchy == 1:
+            return [q_top], [codes_top], loss
+        joined = torch.cat([features, self.dec_top(q_top)], 1)
+        q_bottom, codes_bottom, loss_bottom = self.vq_bottom(self.pre_bottom(joined))
+        return [q_top, q_bottom], [codes_top, codes_bottom], loss + loss_bottom
+
+    def decoder_logits(self, quantized: list[Tensor]) -> Tensor:
+        """Quantized maps (top first) -> logits of the gray values ``(B, 1, 28, 28)``."""
+        if self.config.hierarchy == 1:
+            return self.decoder(quantized[0])  # type: ignore[no-any-return]
+        q_top, q_bottom = quantized
+        return self.decoder(torch.cat([q_bottom, self.up_top(q_top)], 1))  # type: ignore[no-any-return]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """``x (B, 1, 28, 28)`` in [0, 1] -> (logits of x, commitment loss, code maps)."""
+        quantized, codes, loss = self.encode(x)
+        return self.decoder_logits(quantized), loss, codes
+
+    def code_vectors(self, level: int, codes: Tensor) -> Tensor:
+        """The codebook vectors of a map of codes: ``(B, h, w) -> (B, code_dim, h, w)``."""
+        quantizer = self.quantizers()[level]
+        return quantizer.get_output_from_indices(codes)  # type: ignore[operator,no-any-return]
+
+    def decode(self, codes: list[Tensor]) -> Tensor:
+        """Code maps (top first) -> images ``(B, 1, 28, 28)`` in [0, 1]."""
+        quantized = [self.code_vectors(level, c) for level, c in enumerate(codes)]
+        return torch.sigmoid(self.decoder_logits(quantized))
+
+
+def make_prior(vq: VQVAEConfig, level: int, args: argparse.Namespace) -> GatedPixelCNN:
+    """The prior of code map ``level`` (0: top; 1: bottom, conditioned on the top map)."""
+    return GatedPixelCNN(
+        1,
+        vq.codebook_size,
+        hidden_channels=args.prior_channels,
+        num_layers=args.prior_layers,
+        kernel_size=args.prior_kernel,
+        input="embedding",
+        num_classes=10,
+        cond_channels=vq.code_dim if level == 1 else None,
+    )
+
+
+def load_models(path: str | Path, device: str = "cpu") -> tuple[VQVAE, list[GatedPixelCNN]]:
+    """The VQ-VAE and its priors (top first) from a ``models.pt`` this example wrote.
+
+    The file holds only tensors, numbers and strings: it is read with
+    ``weights_only=True``, so loading it runs no code from the file.
+    """
+    saved = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise DataError(f"{path} is not a models file of this example (format {FORMAT})")
+    vqvae = VQVAE(VQVAEConfig(**saved["vqvae"]["config"])).to(device)
+    vqvae.load_state_dict(saved["vqvae"]["state_dict"])
+    priors = []
+    for entry in saved["priors"]:
+        prior = GatedPixelCNN.from_config(entry["config"]).to(device)
+        prior.load_state_dict(entry["state_dict"])
+        priors.append(prior.eval())
+    return vqvae.eval(), priors
+
+
+# ------------------------------------------------------------------------ stages
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data-dir", default="data/mnist", help="MNIST IDX files (gzip or raw)")
+    p.add_argument(
+        "--no-download", action="store_true", help="fail instead of downloading missing files"
+    )
+    p.add_argument("--out-dir", default="runs/vqvae_prior", help="checkpoints, PNGs, metrics")
+    p.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda:N, mps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue a stopped run in OUT_DIR")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="cap every stage's steps (smoke runs)"
+    )
+    p.add_argument("--hierarchy", type=int, choices=(1, 2), default=1, help="levels of codes")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--eval-batch-size", type=int, default=250)
+    p.add_argument("--vq-steps", type=int, default=1500, help="VQ-VAE training steps")
+    p.add_argument("--vq-lr", type=float, default=2e-3)
+    p.add_argument("--vq-channels", type=int, default=64, help="VQ-VAE width")
+    p.add_argument("--codebook-size", type=int, default=512, help="K, codes in a codebook")
+    p.add_argument("--code-dim", type=int, default=64, help="length of a codebook vector")
+    p.add_argument("--prior-steps", type=int, default=2000, help="prior training steps (each)")
+    p.add_argument("--prior-lr", type=float, default=1e-3)
+    p.add_argument("--prior-channels", type=int, default=64, help="prior width")
+    p.add_argument("--prior-layers", type=int, default=6, help="gated layers of a prior")
+    p.add_argument("--prior-kernel", type=int, default=3, help="kernel size of a prior")
+    p.add_argument("--samples-per-class", type=int, default=10, help="sample grid columns")
+    p.add_argument("--temperature", type=float, default=1.0, help="of the prior's sampler")
+    p.add_argument("--save-every", type=int, default=250, help="steps between checkpoints")
+    return p
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    positive = (
+        "batch_size",
+        "eval_batch_size",
+        "vq_steps",
+        "vq_channels",
+        "code_dim",
+        "prior_steps",
+        "prior_channels",
+        "prior_layers",
+        "samples_per_class",
+        "save_every",
+    )
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, but got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max-steps must be >= 1, but got {args.max_steps}")
+    if args.codebook_size < 2:
+        parser.error(f"--codebook-size must be >= 2, but got {args.codebook_size}")
+    for name in ("vq_lr", "prior_lr", "temperature"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, but got {getattr(args, name)}")
+    if args.prior_kernel < 3 or args.prior_kernel % 2 == 0:
+        parser.error(f"--prior-kernel must be odd and >= 3, but got {args.prior_kernel}")
+
+
+@dataclass
+class Stage:
+    """One training stage: its checkpoint, what must match to resume it, its length."""
+
+    name: str
+    path: Path
+    identity: dict[str, Any]
+    steps: int
+
+
+def _batch(step: int, n: int, batch_size: int, seed: int) -> Tensor:
+    """The indices of training batch ``step``: a fresh permutation per epoch, a pure
+    function of (step, seed), so a resumed stage draws the batches it would have."""
+    per_epoch = n // batch_size
+    epoch, i = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[i * batch_size : (i + 1) * batch_size]
+
+
+def _check_identity(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    if saved == current:
+        return
+    diffs = [
+        f"{key}={saved.get(key)!r} (this run: {current.get(key)!r})"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
+    raise DataError(
+        f"checkpoint {path} is from another configuration: {', '.join(diffs)}; pass the same "
+        f"flags, or choose another --out-dir"
+    )
+
+
+def train_stage(
+    stage: Stage,
+    model: nn.Module,
+    loss_of: Callable[[Tensor], tuple[Tensor, dict[str, float]]],
+    n_train: int,
+    lr: float,
+    args: argparse.Namespace,
+    stop: StopFlag,
+) -> tuple[list[dict[str, float]], str | None]:
+    """Train ``model`` for the stage's steps, resuming its checkpoint if there is one.
+
+    ``loss_of(indices)`` gives the loss of a batch of training indices and the numbers
+    to log. Returns the training curve, and the signal that stopped the stage early
+    (its checkpoint written) or None when it finished.
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    step, curve = 0, []
+    if stage.path.exists():  # only with --resume: run() refuses the rest
+        saved = load_checkpoint(stage.path)
+        _check_identity(saved["identity"], stage.identity, stage.path)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng_cpu"])
+        step, curve = saved["step"], saved["curve"]
+
+    def save() -> None:
+        state = {
+            "identity": stage.identity,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "step": step,
+            "curve": curve,
+        }
+        save_checkpoint(stage.path, state)
+
+    if step >= stage.steps:
+        return curve, None
+    model.train()
+    bar = tqdm(total=stage.steps, initial=step, desc=stage.name, dynamic_ncols=True)
+    started, seen = time.perf_counter(), 0
+    try:
+        while step < stage.steps:
+            indices = _batch(step, n_train, args.batch_size, args.seed)
+            loss, logged = loss_of(indices)
+            if not torch.isfinite(loss):
+                raise DataError(
+                    f"{stage.name}: the loss is {loss.item()} at step {step + 1}: stopping (the "
+                    f"checkpoint in {args.out_dir} is from before it); lower the learning rate"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            seen += len(indices)
+            curve.append({"step": step, **logged})
+            bar.update(1)
+            bar.set_postfix(
+                {k: f"{v:.4f}" for k, v in logged.items()}
+                | {"img_s": f"{seen / (time.perf_counter() - started):.0f}"}
+            )
+            signal = stop.requested
+            if signal is not None:
+                save()
+                return curve, signal
+            if step % args.save_every == 0 or step == stage.steps:
+                save()
+    finally:
+        bar.close()
+    return curve, None
+
+
+def _steps(args: argparse.Namespace, steps: int) -> int:
+    return steps if args.max_steps is None else min(steps, args.max_steps)
+
+
+@torch.no_grad()
+def encode_all(
+    vqvae: VQVAE, images: Tensor, batch_size: int, device: torch.device, decode: bool
+) -> tuple[list[Tensor], float | None]:
+    """Code maps (top first, int16 on the CPU) of ``images``, and with ``decode`` the
+    mean squared error of their reconstructions (gray values in [0, 1])."""
+    vqvae.eval()
+    maps: list[list[Tensor]] = [[] for _ in vqvae.map_sizes]
+    squared = 0.0
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].to(device)
+        quantized, codes, _ = vqvae.encode(x)
+        if decode:
+            squared += float((torch.sigmoid(vqvae.decoder_logits(quantized)) - x).square().sum())
+        for level, c in enumerate(codes):
+            maps[level].append(c.to("cpu", torch.int16))
+    return [torch.cat(m) for m in maps], squared / images.numel() if decode else None
+
+
+def codebook_usage(codes: Tensor, k: int) -> dict[str, float]:
+    """Perplexity of the code histogram (K when every code is equally used) and the
+    number of codes used."""
+    counts = torch.bincount(codes.flatten().long(), minlength=k).double()
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return {"perplexity": float(entropy.exp()), "codes_used": int((counts > 0).sum())}
+
+
+@torch.no_grad()
+def prior_nll(
+    prior: GatedPixelCNN,
+    codes: Tensor,
+    labels: Tensor,
+    cond: Callable[[Tensor], Tensor | None],
+    batch_size: int,
+    device: torch.device,
+) -> float:
+    """Mean negative log-likelihood of the code maps ``(N, h, w)``, in bits per map."""
+    prior.eval()
+    total = 0.0
+    for start in range(0, len(codes), batch_size):
+        x = codes[start : start + batch_size, None].to(device).long()
+        y = labels[start : start + batch_size].to(device)
+        total -= float(prior.log_prob(x, labels=y, cond=cond(x[:, 0])).double().sum())
+    return total / len(codes) / math.log(2)
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    try:
+        return _run(args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    out = Path(args.out_dir)
+    prepare_out_dir(out)
+    found = [name for name in STAGE_FILES if (out / name).exists()]
+    if found and not args.resume:
+        raise DataError(
+            f"--out-dir {out} holds an earlier run ({', '.join(found)}): continue it with "
+            f"--resume, or choose another --out-dir"
+        )
+    if args.resume and not found:
+        raise DataError(f"--resume: no checkpoint in {out}; run without --resume first")
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    mnist = load_mnist(Path(args.data_dir), download=not args.no_download)
+    train = torch.from_numpy(mnist["train"].copy()).float().div_(255).unsqueeze(1)
+    test = torch.from_numpy(mnist["test"].copy()).float().div_(255).unsqueeze(1)
+    train_labels = torch.from_numpy(mnist["train_labels"].copy()).long()
+    test_labels = torch.from_numpy(mnist["test_labels"].copy()).long()
+    metrics: dict[str, Any] = {"device": str(device), "hierarchy": args.hierarchy}
+
+    stop = StopFlag()
+    try:
+        # ---- stage 1: the VQ-VAE
+        vq_config = VQVAEConfig(
+            hierarchy=args.hierarchy,
+            hidden_channels=args.vq_channels,
+            code_dim=args.code_dim,
+            codebook_size=args.codebook_size,
+        )
+        vqvae = VQVAE(vq_config).to(device)
+        vq_stage = Stage(
+            "stage 1: VQ-VAE",
+            out / "vqvae.ckpt.pt",
+            {"vqvae": asdict(vq_config), "seed": args.seed, "batch_size": args.batch_size},
+            _steps(args, args.vq_steps),
+        )
+        print(
+            f"stage 1: a {args.hierarchy}-level VQ-VAE, K = {args.codebook_size} codes of "
+            f"{args.code_dim} numbers, {sum(p.numel() for p in vqvae.parameters())} "
+            f"parameters, on {device}",
+            flush=True,
+        )
+
+        def vq_loss(indices: Tensor) -> tuple[Tensor, dict[str, float]]:
+            x = train[indices].to(device)
+            logits, commitment, _ = vqvae(x)
+            reconstruction = F.binary_cross_entropy_with_logits(logits, x)
+            logged = {"recon": reconstruction.item(), "commit": commitment.item()}
+            return reconstruction + commitment, logged
+
+        vq_curve, signal = train_stage(vq_stage, vqvae, vq_loss, len(train), args.vq_lr, args, stop)
+        if signal is not None:
+            return _stopped(signal, vq_stage)
+        vq_step = vq_curve[-1]["step"] if vq_curve else 0
+
+        # ---- the code maps of both sets, made once per VQ-VAE
+        codes_path = out / "codes.pt"
+        codes = load_checkpoint(codes_path) if codes_path.exists() else None
+        if codes is None or codes["identity"] != vq_stage.identity or codes["step"] != vq_step:
+            started = time.perf_counter()
+            train_codes, _ = encode_all(vqvae, train, args.eval_batch_size, device, False)
+            test_codes, test_mse = encode_all(vqvae, test, args.eval_batch_size, device, True)
+            codes = {
+                "identity": vq_stage.identity,
+                "step": vq_step,
+                "train": train_codes,
+                "test": test_codes,
+                "test_mse": test_mse,
+            }
+            save_checkpoint(codes_path, codes)
+            print(
+                f"encoded {len(train) + len(test)} images in {time.perf_counter() - started:.1f} s"
+            )
+        train_codes, test_codes = codes["train"], codes["test"]
+        metrics["vqvae"] = {
+            "steps": vq_step,
+            "test_reconstruction_mse": codes["test_mse"],
+            "levels": [
+                {"map": list(m.shape[1:]), **codebook_usage(m, args.codebook_size)}
+                for m in test_codes
+            ],
+        }
+        for level in metrics["vqvae"]["levels"]:
+            print(
+                f"VQ-VAE {level['map'][0]}x{level['map'][1]} codes: perplexity "
+                f"{level['perplexity']:.1f}, {level['codes_used']}/{args.codebook_size} used; "
+                f"test reconstruction MSE {codes['test_mse']:.4f}"
+            )
+
+        # ---- stage 2: the priors, top first
+        vqvae.eval()
+        for p in vqvae.parameters():
+            p.requires_grad_(False)
+
+        def cond_of(level: int) -> Callable[[Tensor], Tensor | None]:
+            def cond(top: Tensor) -> Tensor | None:
+                return None if level == 0 else vqvae.code_vectors(0, top.to(device).long())
+
+            return cond
+
+        priors = []
+        metrics["priors"] = []
+        tops = train_codes[0]
+        for level, size in enumerate(vqvae.map_sizes):
+            name = ("top", "bottom")[level]
+            prior = make_prior(vq_config, level, args).to(device)
+            stage = Stage(
+                f"stage 2: prior of the {size[0]}x{size[1]} {name} codes",
+                out / f"prior_{name}.ckpt.pt",
+                {
+                    "prior": prior.config.to_dict(),
+                    "vqvae": asdict(vq_config),
+                    "vqvae_step": vq_step,
+                    "seed": args.seed,
+                    "batch_size": args.batch_size,
+                },
+                _steps(args, args.prior_steps),
+            )
+            if stage.path.exists():
+                saved = load_checkpoint(stage.path)["identity"]
+                if saved != stage.identity and {**saved, "vqvae_step": vq_step} == stage.identity:
+                    print(
+                        f"{stage.path} was trained on the codes of the VQ-VAE at step "
+                        f"{saved['vqvae_step']}, now at step {vq_step}: the prior starts afresh"
+                    )
+                    stage.path.unlink()
+            print(
+                f"{stage.name}: {sum(p.numel() for p in prior.parameters())} parameters",
+                flush=True,
+            )
+            level_codes = train_codes[level]
+            cond = cond_of(level)
+
+            def prior_loss(
+                indices: Tensor,
+                prior: GatedPixelCNN = prior,
+                level_codes: Tensor = level_codes,
+                cond: Callable[[Tensor], Tensor | None] = cond,
+                dims: int = size[0] * size[1],
+            ) -> tuple[Tensor, dict[str, float]]:
+                x = level_codes[indices, None].to(device).long()
+                y = train_labels[indices].to(device)
+                nll = -prior.log_prob(x, labels=y, cond=cond(tops[indices])).mean()
+                bits_per_code = nll / dims / math.log(2)
+                return bits_per_code, {"bits_per_code": bits_per_code.item()}
+
+            curve, signal = train_stage(
+                stage, prior, prior_loss, len(train), args.prior_lr, args, stop
+            )
+            if signal is not None:
+                return _stopped(signal, stage)
+            dims = size[0] * size[1]
+            nll = prior_nll(
+                prior, test_codes[level], test_labels, cond, args.eval_batch_size, device
+            )
+            metrics["priors"].append(
+                {
+                    "map": list(size),
+                    "steps": curve[-1]["step"] if curve else 0,
+                    "test_nll_bits_per_code": nll / dims,
+                    "test_nll_bits_per_map": nll,
+                    "train_curve": curve,
+                }
+            )
+            print(f"{name} prior: test NLL {nll / dims:.4f} bits per code, {nll:.2f} bits per map")
+            priors.append(prior.eval())
+        total = sum(p["test_nll_bits_per_map"] for p in metrics["priors"])
+        metrics["test_nll_bits_per_image"] = total
+        metrics["vqvae"]["train_curve"] = vq_curve
+
+        # ---- stage 3: samples, reconstructions, the final models
+        write_outputs(vqvae, priors, test, test_labels, args, device, out, metrics)
+        print(f"test NLL {total:.2f} bits per image (all code maps); outputs in {out}")
+        return 0
+    finally:
+        stop.close()
+
+
+def _stopped(signal: str, stage: Stage) -> int:
+    print(f"stopped by {signal} in {stage.name}; checkpoint {stage.path}; continue with --resume")
+    return 0
+
+
+@torch.no_grad()
+def write_outputs(
+    vqvae: VQVAE,
+    priors: list[GatedPixelCNN],
+    test: Tensor,
+    test_labels: Tensor,
+    args: argparse.Namespace,
+    device: torch.device,
+    out: Path,
+    metrics: dict[str, Any],
+) -> None:
+    """Stage 3: the sample grid (a row per class), reconstructions, plots, metrics, and
+    the final models."""
+    per_class = args.samples_per_class
+    labels = torch.arange(10, device=device).repeat_interleave(per_class)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    started = time.perf_counter()
+    maps: list[Tensor] = []
+    for level, (prior, size) in enumerate(zip(priors, vqvae.map_sizes, strict=True)):
+        cond = None if level == 0 else vqvae.code_vectors(0, maps[0])
+        drawn = prior.sample(
+            len(labels),
+            size,
+            labels=labels,
+            cond=cond,
+            generator=generator,
+            temperature=args.temperature,
+        )
+        maps.append(drawn[:, 0])
+    seconds = time.perf_counter() - started
+    images = vqvae.decode(maps)
+    metrics["sampling"] = {
+        "maps": len(labels),
+        "seconds": seconds,
+        "method": "cached",
+        "temperature": args.temperature,
+    }
+    print(f"sampled {len(labels)} code maps in {seconds:.2f} s (cached sampler)")
+    save_grid(
+        out / "samples.png",
+        images,
+        10,
+        f"decoded samples of the code prior, a row per class 0-9 ({args.hierarchy} level(s))",
+    )
+    originals = test[:20].to(device)
+    reconstructions = vqvae.decode(vqvae(originals)[2])
+    pairs = torch.stack([originals.view(2, 10, 1, 28, 28), reconstructions.view(2, 10, 1, 28, 28)])
+    save_grid(
+        out / "reconstructions.png",
+        pairs.transpose(0, 1).flatten(0, 2),
+        4,
+        "test digits (rows 1, 3) and their VQ-VAE reconstructions (rows 2, 4)",
+    )
+    save_curves(out / "curves.png", metrics)
+    atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=1).encode())
+    final = {
+        "format": FORMAT,
+        "vqvae": {"config": asdict(vqvae.config), "state_dict": vqvae.state_dict()},
+        "priors": [
+            {"config": p.config.to_dict(), "state_dict": p.state_dict(), "map": list(size)}
+            for p, size in zip(priors, vqvae.map_sizes, strict=True)
+        ],
+    }
+    save_checkpoint(out / "models.pt", final)
+
+
+def save_grid(path: Path, images: Tensor, rows: int, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    levels = (images.clamp(0, 1) * 255).round().long()
+    grid = image_grid(levels, 256, rows)
+    fig, ax = plt.subplots(figsize=(8, 8 * grid.shape[0] / grid.shape[1] + 0.5))
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def save_curves(path: Path, metrics: dict[str, Any]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    vq = metrics["vqvae"]["train_curve"]
+    if vq:
+        left.plot([p["step"] for p in vq], [p["recon"] for p in vq], lw=0.8)
+    left.set(xlabel="step", ylabel="reconstruction BCE (nats/pixel)", title="stage 1: VQ-VAE")
+    for prior in metrics["priors"]:
+        curve = prior["train_curve"]
+        label = f"{prior['map'][0]}x{prior['map'][1]} codes"
+        if curve:
+            line = right.plot(
+                [p["step"] for p in curve], [p["bits_per_code"] for p in curve], lw=0.8, label=label
+            )
+            right.axhline(
+                prior["test_nll_bits_per_code"], ls="--", color=line[0].get_color(), lw=0.8
+            )
+    right.set(xlabel="step", ylabel="bits per code", title="stage 2: prior NLL (dashed: test)")
+    right.legend()
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())

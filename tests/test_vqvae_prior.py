@@ -1,0 +1,235 @@
+"""The VQ-VAE prior example (examples/vqvae_prior.py) and the prior's maths."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from maskedconv import GatedPixelCNN
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+pytest.importorskip("vector_quantize_pytorch", reason="the examples extra is not installed")
+
+import mnist_common as mc  # noqa: E402
+import vqvae_prior as vp  # noqa: E402
+
+REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+HAVE_REAL = all((REAL_MNIST / f"{name}.gz").exists() for name in mc.MNIST_FILES)
+needs_mnist = pytest.mark.skipif(not HAVE_REAL, reason=f"real MNIST is not in {REAL_MNIST}")
+TINY = [
+    "--data-dir",
+    str(REAL_MNIST),
+    "--no-download",
+    "--device",
+    "cpu",
+    "--vq-channels",
+    "8",
+    "--code-dim",
+    "8",
+    "--codebook-size",
+    "16",
+    "--prior-channels",
+    "8",
+    "--prior-layers",
+    "2",
+    "--batch-size",
+    "32",
+    "--eval-batch-size",
+    "2000",
+    "--samples-per-class",
+    "2",
+    "--max-steps",
+    "3",
+]
+OUTPUTS = ("samples.png", "reconstructions.png", "curves.png", "metrics.json", "models.pt")
+
+
+def all_maps(k: int, h: int, w: int) -> torch.Tensor:
+    return torch.tensor(list(itertools.product(range(k), repeat=h * w))).view(-1, 1, h, w)
+
+
+@pytest.mark.parametrize("bottom", [False, True], ids=["top prior", "bottom prior (cond=)"])
+def test_the_code_prior_is_normalised(bottom: bool) -> None:
+    # Every 1x2 map of K = 7 codes, for each class (and each top map given as cond=):
+    # the probabilities sum to one.
+    torch.manual_seed(0)
+    k = 7
+    prior = GatedPixelCNN(
+        1,
+        k,
+        input="embedding",
+        num_classes=3,
+        cond_channels=4 if bottom else None,
+        hidden_channels=8,
+        num_layers=2,
+        kernel_size=3,
+    ).double()
+    with torch.no_grad():  # learned biases start at zero: make them matter
+        for p in prior.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    maps = all_maps(k, 1, 2)
+    for label in range(3):
+        labels = torch.full((len(maps),), label)
+        cond = torch.randn(1, 4, 1, 1, dtype=torch.float64).expand(len(maps), -1, -1, -1)
+        lp = prior.log_prob(maps, labels=labels, cond=cond if bottom else None)
+        assert lp.exp().sum().item() == pytest.approx(1.0, abs=1e-10)
+        assert lp.std() > 0.1  # not the uniform distribution
+
+
+def _run(out: Path, *extra: str) -> int:
+    return vp.run([*TINY, "--out-dir", str(out), *extra])
+
+
+class _StopAtPoll(mc.StopFlag):
+    """A Ctrl-C that arrives while the ``n``-th training step of this run is taken."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self._n, self._polls = n, 0
+
+    @property  # type: ignore[override]
+    def requested(self) -> str | None:
+        self._polls += 1
+        return "SIGINT" if self._polls == self._n else None
+
+    @requested.setter
+    def requested(self, value: str | None) -> None:
+        pass
+
+
+def _models(path: Path) -> dict[str, Any]:
+    return torch.load(path, weights_only=True)  # type: ignore[no-any-return]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+@needs_mnist
+def test_stopped_in_each_stage_and_resumed_equals_a_straight_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert _run(straight) == 0
+    for name in OUTPUTS:
+        assert (straight / name).stat().st_size > 0, name
+    assert (straight / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+
+    # Stopped at step 2 of stage 1 (3 steps each): no codes, no prior, no outputs yet.
+    monkeypatch.setattr(vp, "StopFlag", lambda: _StopAtPoll(2))
+    assert _run(stopped) == 0
+    assert "stopped by SIGINT in stage 1: VQ-VAE" in capsys.readouterr().out
+    assert torch.load(stopped / "vqvae.ckpt.pt", weights_only=True)["step"] == 2
+    assert not (stopped / "codes.pt").exists() and not (stopped / "models.pt").exists()
+
+    # Resumed: stage 1's last step (poll 1), then stopped at the prior's step 2 (poll 3).
+    monkeypatch.setattr(vp, "StopFlag", lambda: _StopAtPoll(3))
+    assert _run(stopped, "--resume") == 0
+    assert "stopped by SIGINT in stage 2" in capsys.readouterr().out
+    assert torch.load(stopped / "prior_top.ckpt.pt", weights_only=True)["step"] == 2
+    assert (stopped / "codes.pt").exists() and not (stopped / "models.pt").exists()
+
+    # Resumed again: the prior's last step, then stage 3.
+    monkeypatch.setattr(vp, "StopFlag", mc.StopFlag)
+    assert _run(stopped, "--resume") == 0
+    assert _same(_models(stopped / "models.pt"), _models(straight / "models.pt"))
+    a = json.loads((straight / "metrics.json").read_text())
+    b = json.loads((stopped / "metrics.json").read_text())
+    a["sampling"].pop("seconds"), b["sampling"].pop("seconds")
+    assert a == b
+
+    # A finished run resumed: nothing to train, the same outputs again.
+    assert _run(stopped, "--resume") == 0
+    assert _same(_models(stopped / "models.pt"), _models(straight / "models.pt"))
+
+
+@needs_mnist
+def test_outputs_metrics_and_loading_the_final_models(tmp_path: Path) -> None:
+    assert _run(tmp_path) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["vqvae"]["steps"] == 3
+    level = metrics["vqvae"]["levels"][0]
+    assert level["map"] == [7, 7] and 1 <= level["codes_used"] <= 16
+    assert 1 <= level["perplexity"] <= level["codes_used"]
+    assert 0 < metrics["vqvae"]["test_reconstruction_mse"] < 1
+    (prior,) = metrics["priors"]
+    assert prior["steps"] == 3 and len(prior["train_curve"]) == 3
+    # Log2(16) = 4 bits per code is the uniform prior's; a few steps stay near it.
+    assert 0 < prior["test_nll_bits_per_code"] < 6
+    assert prior["test_nll_bits_per_map"] == pytest.approx(49 * prior["test_nll_bits_per_code"])
+    assert metrics["sampling"]["maps"] == 20 and metrics["sampling"]["method"] == "cached"
+
+    # Another script loads the models without unpickling anything, and uses them.
+    vqvae, (loaded,) = vp.load_models(tmp_path / "models.pt")
+    assert loaded.config.input == "embedding" and loaded.config.num_classes == 10
+    codes = loaded.sample(4, (7, 7), labels=torch.arange(4), generator=torch.Generator())
+    with torch.no_grad():
+        images = vqvae.decode([codes[:, 0]])
+    assert images.shape == (4, 1, 28, 28) and images.min() >= 0 and images.max() <= 1
+
+
+@needs_mnist
+def test_two_levels_sample_top_then_bottom_given_top(tmp_path: Path) -> None:
+    assert _run(tmp_path, "--hierarchy", "2", "--max-steps", "2") == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [p["map"] for p in metrics["priors"]] == [[7, 7], [14, 14]]
+    assert [lv["map"] for lv in metrics["vqvae"]["levels"]] == [[7, 7], [14, 14]]
+    per_image = sum(p["test_nll_bits_per_map"] for p in metrics["priors"])
+    assert metrics["test_nll_bits_per_image"] == pytest.approx(per_image)
+    vqvae, (top, bottom) = vp.load_models(tmp_path / "models.pt")
+    assert top.config.cond_channels is None and bottom.config.cond_channels == 8
+    # The bottom prior reads the top map: other top codes, other bottom probabilities.
+    x = torch.zeros(2, 1, 14, 14, dtype=torch.long)
+    tops = torch.stack([torch.zeros(7, 7), torch.full((7, 7), 5)]).long()
+    with torch.no_grad():
+        cond = vqvae.code_vectors(0, tops)
+        lp = bottom.log_prob(x, labels=torch.zeros(2, dtype=torch.long), cond=cond)
+    assert lp[0] != lp[1]
+
+
+@needs_mnist
+def test_reruns_and_resumes_that_do_not_fit_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _run(tmp_path, "--resume") == 2
+    assert "--resume: no checkpoint in" in capsys.readouterr().err
+    assert _run(tmp_path, "--max-steps", "1") == 0
+    assert _run(tmp_path) == 2
+    assert "holds an earlier run (vqvae.ckpt.pt, codes.pt, prior_top.ckpt.pt)" in (
+        capsys.readouterr().err
+    )
+    assert _run(tmp_path, "--resume", "--codebook-size", "32") == 2
+    err = capsys.readouterr().err
+    assert "is from another configuration" in err and "'codebook_size': 16" in err
+
+
+def test_missing_data_and_bad_flags_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--data-dir", str(tmp_path / "none"), "--no-download", "--out-dir", str(tmp_path)]
+    assert vp.run(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: MNIST file") and err.count("\n") == 1
+    for flag, value, message in [
+        ("--codebook-size", "1", "--codebook-size must be >= 2, but got 1"),
+        ("--prior-kernel", "4", "--prior-kernel must be odd and >= 3, but got 4"),
+        ("--temperature", "0", "--temperature must be > 0, but got 0.0"),
+        ("--hierarchy", "3", "invalid choice: 3"),
+    ]:
+        with pytest.raises(SystemExit):
+            vp.run([flag, value])
+        assert message in capsys.readouterr().err
