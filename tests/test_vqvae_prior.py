@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from maskedconv import GatedPixelCNN
+from maskedconv import GatedPixelCNN, receptive_field
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -81,6 +81,17 @@ def test_the_code_prior_is_normalised(bottom: bool) -> None:
         lp = prior.log_prob(maps, labels=labels, cond=cond if bottom else None)
         assert lp.exp().sum().item() == pytest.approx(1.0, abs=1e-10)
         assert lp.std() > 0.1  # not the uniform distribution
+
+
+def test_the_default_prior_sees_every_earlier_code_of_a_7x7_map() -> None:
+    # The default depth and kernel (the width does not change what is seen).
+    args = vp.make_parser().parse_args(["--prior-channels", "4"])
+    prior = vp.make_prior(vp.VQVAEConfig(codebook_size=8), 0, args)
+    for i in range(7):
+        for j in range(7):
+            seen = receptive_field(prior, (1, 7, 7), (i, j), labels=torch.zeros(1).long())[0]
+            earlier = torch.arange(49).view(7, 7) < i * 7 + j
+            assert torch.equal(seen, earlier), (i, j)
 
 
 def _run(out: Path, *extra: str) -> int:
