@@ -919,7 +919,8 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
                 )
             else:
                 write_images(model, test, test_labels, exp, args, device, out)
-                print(f"outputs in {out}")
+                model.save_pretrained(out / "model")  # no pickle: config.json + safetensors
+                print(f"outputs in {out}; the model in {out / 'model'}")
         if d.enabled:
             dist.barrier()
         return 0

@@ -700,6 +700,8 @@ def write_outputs(
         ],
     }
     save_checkpoint(out / "models.pt", final)
+    for prior, name in zip(priors, ("prior_top", "prior_bottom"), strict=False):
+        prior.save_pretrained(out / name)  # config.json + model.safetensors, no pickle
 
 
 def save_grid(path: Path, images: Tensor, rows: int, title: str) -> None:

@@ -218,6 +218,10 @@ def test_smoke_run_writes_every_output(tmp_path: Path, data_args: list[str]) -> 
     ckpt = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ckpt["step"] == 3 and ckpt["identity"]["model"]["hidden_channels"] == 8
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+    final = mc.PixelCNN.from_pretrained(tmp_path / "model")
+    assert final.config.to_dict() == ckpt["identity"]["model"]
+    for name, tensor in final.state_dict().items():
+        assert torch.equal(tensor, ckpt["model"][name]), name
 
 
 def test_resume_continues_exactly(tmp_path: Path, data_args: list[str]) -> None:

@@ -14,8 +14,7 @@ from ._incremental import IncrementalStep
 from ._masks import MaskFunction, make_mask, mask_a, mask_b
 from ._models import PixelCNN, PixelCNNConfig, nll_per_dim
 from ._sampling import IncrementalEvaluator, sample
-
-__version__ = "0.2.0.dev0"
+from ._version import __version__ as __version__
 
 __all__ = [
     "BottleneckBlock",

@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal, cast
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +30,15 @@ from ._conv import MaskedConv2d
 from ._heads import HEADS, OutputHead
 from ._incremental import IncrementalStep, NoIncrementalPathError, cache_bytes, step_of
 from ._masks import check_group_layout, group_split_error
+from ._pretrained import read_config, read_weights
+from ._pretrained import save_pretrained as _save_pretrained
 from ._sampling import sample as _sample
 from ._stems import STEMS, EmbeddingInput, ScaledInput
 
 __all__ = ["AutoregressiveModel", "ModelConfig", "PixelCNN", "PixelCNNConfig", "nll_per_dim"]
 
 _BLOCKS = {"residual": ResidualBlock, "bottleneck": BottleneckBlock}
+_Model = TypeVar("_Model", bound="AutoregressiveModel")
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> int:
@@ -224,6 +229,50 @@ class AutoregressiveModel(nn.Module):
         if isinstance(config, dict):
             config = cls.config_class(**config)
         return cls(**config.to_dict())
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory``.
+
+        The Hugging Face Hub's layout: the directory can be uploaded as it is.
+        ``config.json`` holds the config, the class name (``model_type``) and the
+        maskedconv version; no file is a pickle. Each file is written under a temporary
+        name and renamed (the weights first), so a crash never leaves a half-written
+        file. Returns the directory.
+
+        Raises:
+            TypeError: for a model with a custom head instance, which has no name to save.
+        """
+        return _save_pretrained(self, self.config.to_dict(), directory)
+
+    @classmethod
+    def from_pretrained(
+        cls: type[_Model], directory: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+    ) -> _Model:
+        """The model a :meth:`save_pretrained` directory holds, in eval mode.
+
+        Reads JSON and safetensors only, so loading runs no code from the directory.
+        Floating-point weights keep their saved dtype.
+
+        Raises:
+            FileNotFoundError: for a missing ``config.json`` or ``model.safetensors``.
+            ValueError: for another model class, a config from a newer release series
+                (0.x: a newer minor version) or with unknown keys, and weights that are
+                missing, unexpected or of another shape (each one named).
+        """
+        fields_ = {f.name for f in fields(cls.config_class)}
+        config = read_config(directory, cls.__name__, fields_)
+        try:
+            model: _Model = cls.from_config(config)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{Path(directory) / 'config.json'}: {err}") from None
+        tensors = read_weights(directory, model.state_dict(), device)
+        dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+        if len(dtypes) == 1:
+            model.to(dtype=dtypes.pop())
+        model.to(device)
+        model.load_state_dict(tensors)
+        model.eval()
+        return model
 
     def _check_images(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
