@@ -188,7 +188,9 @@ def test_outputs_metrics_and_loading_the_final_models(tmp_path: Path) -> None:
     vqvae, (loaded,) = vp.load_models(tmp_path / "models.pt")
     again = GatedPixelCNN.from_pretrained(tmp_path / "prior_top")
     assert again.config == loaded.config
-    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), loaded.parameters()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(again.parameters(), loaded.parameters(), strict=True)
+    )
     assert loaded.config.input == "embedding" and loaded.config.num_classes == 10
     codes = loaded.sample(4, (7, 7), labels=torch.arange(4), generator=torch.Generator())
     with torch.no_grad():
