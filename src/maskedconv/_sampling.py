@@ -315,8 +315,11 @@ def sample(
         TypeError: for a non-integer ``x``, a non-bool ``known`` or a non-numeric temperature.
 
     Example:
+        >>> model = PixelCNN(1, 2, hidden_channels=16, num_layers=2)
         >>> g = torch.Generator().manual_seed(0)
         >>> images = sample(model, (16, 1, 28, 28), generator=g)
+        >>> images.shape
+        torch.Size([16, 1, 28, 28])
     """
     temperature = _check_temperature(temperature)
     if method not in _METHODS:
