@@ -1,4 +1,4 @@
-"""Blocks built from :class:`~maskedconv.MaskedConv2d` that keep causality.
+"""Blocks built from ``MaskedConv2d`` that keep causality.
 
 Each block maps ``(B, C, H, W)`` to ``(B, C, H, W)`` and, like a type-B layer, lets
 group g at pixel p see groups ``<= g`` at p and everything before p. Each also runs one
@@ -60,7 +60,7 @@ class _SkipBlock(nn.Module):
     def incremental(
         self, batch: int, width: int, cond: Conditioning | None = None
     ) -> IncrementalStep:
-        """This block evaluated one position at a time; see :class:`IncrementalStep`."""
+        """This block evaluated one position at a time; see ``IncrementalStep``."""
         if self.condition is None:
             return _SkipStep(SequentialStep(self.body, batch, width))
         if cond is None:
@@ -217,7 +217,7 @@ class BottleneckBlock(_SkipBlock):
     """The course solution's residual block: C -> C/2 -> C/2 -> C, with a group LayerNorm.
 
     ``x + B1x1(relu(Bkxk(relu(B1x1(relu(norm(x)))))))`` where ``norm`` is a
-    :class:`GroupLayerNorm` (Berkeley CS294-158, homework 1).
+    ``GroupLayerNorm`` (Berkeley CS294-158, homework 1).
 
     Args:
         channels: C, divisible by ``2 * color_groups``.

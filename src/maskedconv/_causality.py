@@ -2,7 +2,7 @@
 
 Depends on nothing but torch, so it can check any stack of layers, ours or not.
 Float modules are checked by their exact Jacobian; models of integer images (those
-with an int ``levels`` attribute, like :class:`~maskedconv.PixelCNN`) through their
+with an int ``levels`` attribute, like ``PixelCNN``) through their
 public ``forward``, by changing integer values: a gradient cannot pass through an
 embedding lookup, so a Jacobian would be zero there whatever the model does.
 """
@@ -235,7 +235,7 @@ def assert_causal(
       forbids must be exactly zero; then the value check below, with random float
       changes (it sees through a ``.detach()``ed statistic, which a Jacobian cannot);
     * a model of integer images (an int ``levels`` attribute, like
-      :class:`~maskedconv.PixelCNN`), through its public ``forward``: at a random image,
+      ``PixelCNN``), through its public ``forward``: at a random image,
       for every output position and group, all the inputs it must not see are changed
       to other levels (twice, at random) and its outputs must stay exactly the same;
       then each image's outputs must stay the same when every other image changes;
@@ -246,8 +246,8 @@ def assert_causal(
       vacuously (a dead network, a Jacobian blocked by ``.detach()`` or a lookup);
     * ``complete=True`` also fails where an input that the order allows, and that the
       module's kernels reach (the same module with every mask removed depends on it),
-      has no influence: a blind spot or a dead path. The plain :class:`PixelCNN` fails
-      it (its blind spot); :class:`GatedPixelCNN` passes.
+      has no influence: a blind spot or a dead path. The plain ``PixelCNN`` fails
+      it (its blind spot); ``GatedPixelCNN`` passes.
 
     Outputs may be ``(B, C_out, H, W)`` or ``(B, C_out, *extra, H, W)`` (e.g. a
     PixelCNN's ``(B, C, K, H, W)`` logits); the group of an output is that of its
@@ -592,8 +592,8 @@ def receptive_field(
     Measured, not derived: for a model of integer images (an int ``levels``
     attribute), by changing one input sub-pixel at a time; for a float module, from its
     Jacobian; the union over two random inputs, in float64. Applied to the plain
-    :class:`~maskedconv.PixelCNN` it shows the blind spot, a wedge above and to the
-    right that no depth fills; the :class:`~maskedconv.GatedPixelCNN` has none.
+    ``PixelCNN`` it shows the blind spot, a wedge above and to the
+    right that no depth fills; the ``GatedPixelCNN`` has none.
 
     Args:
         model: the model or module.

@@ -145,7 +145,7 @@ class ConditionBias(nn.Module):
 def make_condition_bias(
     channels: int, num_classes: int | None, cond_channels: int | None
 ) -> ConditionBias | None:
-    """A :class:`ConditionBias`, or ``None`` for an unconditioned model."""
+    """A ``ConditionBias``, or ``None`` for an unconditioned model."""
     if num_classes is None and cond_channels is None:
         return None
     return ConditionBias(channels, num_classes, cond_channels)

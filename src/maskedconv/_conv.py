@@ -38,9 +38,9 @@ def masked_conv2d(
         weight: ``(C_out, C_in // groups, kh, kw)``.
         mask: zeros and ones, broadcastable to ``weight``.
         bias: ``(C_out,)`` or ``None``.
-        padding: zero padding, as in :func:`torch.nn.functional.conv2d`.
-        dilation: as in :func:`torch.nn.functional.conv2d`.
-        groups: as in :func:`torch.nn.functional.conv2d`.
+        padding: zero padding, as in ``torch.nn.functional.conv2d``.
+        dilation: as in ``torch.nn.functional.conv2d``.
+        groups: as in ``torch.nn.functional.conv2d``.
 
     Returns:
         ``(B, C_out, H', W')``; with ``padding = dilation * (k - 1) // 2`` the input's
@@ -136,7 +136,7 @@ class MaskedConv2d(nn.Conv2d):
         padding_mode: must be ``"zeros"``: reflected or circular padding copies
             future pixels into the past.
         mask_type: ``"A"``, ``"B"`` or a callable (see
-            :class:`maskedconv.MaskFunction`) returning a 0/1 mask.
+            ``maskedconv.MaskFunction``) returning a 0/1 mask.
         color_groups: number of ordered channel groups G (1 for binary or grayscale).
         group_layout: ``"blocked"`` (contiguous thirds for RGB) or ``"interleaved"``
             (channel c in group ``c % G``).
@@ -302,7 +302,7 @@ class MaskedConv2d(nn.Conv2d):
         return out[..., top : top + height, left : left + width]
 
     def incremental(self, batch: int, width: int) -> _LinearStep | _SpatialStep:
-        """This conv evaluated one position at a time (see :mod:`maskedconv._incremental`).
+        """This conv evaluated one position at a time (see ``maskedconv._incremental``).
 
         The step reads the weights as they are now; build a new one after training.
 

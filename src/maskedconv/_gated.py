@@ -2,7 +2,7 @@
 
 van den Oord et al., "Conditional Image Generation with PixelCNN Decoders", 2016.
 Stacked raster masks never see a wedge of pixels above and to the right of each output
-(the blind spot, see :func:`~maskedconv.receptive_field`). Two stacks remove it:
+(the blind spot, see ``receptive_field``). Two stacks remove it:
 
 * the **vertical stack** sees every row above, across the kernel's full width, and
   never its own row: its first conv keeps only the kernel rows above the centre (the
@@ -151,7 +151,7 @@ class GatedBlock(nn.Module):
         return gate(v_pre), h_next, skip_next
 
     def incremental(self, batch: int, width: int, cond: Conditioning | None = None) -> _GatedStep:
-        """This layer position by position; see :class:`_GatedStep`."""
+        """This layer position by position; see ``_GatedStep``."""
         return _GatedStep(self, batch, width, cond)
 
 
@@ -249,7 +249,7 @@ class _GatedStep:
 
 @dataclass(frozen=True)
 class GatedPixelCNNConfig(ModelConfig):
-    """Everything needed to rebuild a :class:`GatedPixelCNN`; plain values, safe to save."""
+    """Everything needed to rebuild a ``GatedPixelCNN``; plain values, safe to save."""
 
     num_layers: int = 8  # gated layers
 
@@ -266,8 +266,8 @@ class GatedPixelCNN(AutoregressiveModel):
     """The gated PixelCNN, with no blind spot (van den Oord et al., 2016).
 
     stem -> ``num_layers`` gated layers (a vertical and a horizontal stack, see
-    :mod:`maskedconv._gated`) -> ReLU(skip sum) -> 1x1 B -> ReLU -> 1x1 B -> head. The
-    same surface as :class:`PixelCNN`: heads, stems, conditioning, ``log_prob``,
+    ``maskedconv._gated``) -> ReLU(skip sum) -> 1x1 B -> ReLU -> 1x1 B -> head. The
+    same surface as ``PixelCNN``: heads, stems, conditioning, ``log_prob``,
     ``sample`` (with an exact cached path: the vertical stack computed once per row, the
     horizontal stack per position), ``incremental``, the config round trip.
 
@@ -354,7 +354,7 @@ class GatedPixelCNN(AutoregressiveModel):
         labels: Tensor | None = None,
         cond: Tensor | None = None,
     ) -> IncrementalStep:
-        """This model evaluated one pixel at a time; see :meth:`PixelCNN.incremental`."""
+        """This model evaluated one pixel at a time; see ``PixelCNN.incremental``."""
         self._check_own_forward(GatedPixelCNN)
         conditioning = self._step_conditioning(batch, width, height, labels, cond)
         return _GatedPixelCNNStep(self, batch, width, conditioning)

@@ -5,8 +5,8 @@ A head turns the ``P`` channels of a model's last layer into a distribution over
 channels, scores integer images (log p in nats, per sub-pixel), and draws values at
 one position with a generator and a temperature.
 
-* :class:`Categorical`: a softmax over K levels per sub-pixel (PixelCNN, 2016).
-* :class:`DiscretizedLogisticMixture`: a mixture of discretized logistics per pixel
+* ``Categorical``: a softmax over K levels per sub-pixel (PixelCNN, 2016).
+* ``DiscretizedLogisticMixture``: a mixture of discretized logistics per pixel
   with the channels coupled linearly (PixelCNN++, Salimans et al., 2017).
 """
 
@@ -83,7 +83,7 @@ class OutputHead(ABC):
         """``log p`` in nats of each sub-pixel given the ones before it.
 
         Args:
-            params: as :meth:`arrange` returns them, ``(B, ..., *S)``.
+            params: as ``arrange`` returns them, ``(B, ..., *S)``.
             x: ``(B, C, *S)`` integer values in ``[0, K)``.
 
         Returns:

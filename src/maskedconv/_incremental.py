@@ -4,7 +4,7 @@ Every causal layer the library ships has two ways to run: ``forward`` over a who
 image, and ``incremental(batch, width)``, which returns a stateful *step* object that
 computes the layer's output at one position from its inputs so far (Ramachandran et
 al., "Fast Generation for Convolutional Autoregressive Models", 2017). A step object
-follows :class:`IncrementalStep`:
+follows ``IncrementalStep``:
 
 * ``start_row(row)`` is called at the start of every row, rows in order from 0; the
   rows above are final then, so a layer may compute their contribution once per row;

@@ -115,7 +115,7 @@ def channel_groups(channels: int, color_groups: int, group_layout: str = "blocke
 
 
 def group_slices(channels: int, color_groups: int, group_layout: str = "blocked") -> list[slice]:
-    """The channels of each colour group, as slices (the grouping of :func:`channel_groups`).
+    """The channels of each colour group, as slices (the grouping of ``channel_groups``).
 
     Returns:
         ``color_groups`` slices: contiguous blocks, or every G-th channel when interleaved.
@@ -254,7 +254,7 @@ def make_mask(
     """Build and check a mask of shape ``(out_channels, in_channels, kh, kw)``.
 
     Args:
-        mask_type: ``"A"``, ``"B"`` or a :class:`MaskFunction`.
+        mask_type: ``"A"``, ``"B"`` or a ``MaskFunction``.
         out_channels: rows of the weight.
         in_channels: columns of the weight (``in_channels // groups`` for a grouped conv).
         kernel_size: ``(kh, kw)``.

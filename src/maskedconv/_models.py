@@ -159,7 +159,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PixelCNNConfig(ModelConfig):
-    """Everything needed to rebuild a :class:`PixelCNN`; plain values, safe to save.
+    """Everything needed to rebuild a ``PixelCNN``; plain values, safe to save.
 
     Defaults are the design blog's binary-MNIST model. A 0.1 config (without the
     head, input and conditioning fields) still loads.
@@ -189,8 +189,8 @@ class AutoregressiveModel(nn.Module):
     """What every model shares: the stem, the head, conditioning, the image checks,
     ``forward``, ``log_prob``, ``sample`` and the config round trip.
 
-    A subclass builds its trunk in ``__init__`` (after :meth:`_build_common`) and
-    implements :meth:`forward_features` and :meth:`incremental`.
+    A subclass builds its trunk in ``__init__`` (after ``_build_common``) and
+    implements ``forward_features`` and ``incremental``.
     """
 
     config_class: type[ModelConfig] = ModelConfig
@@ -248,7 +248,7 @@ class AutoregressiveModel(nn.Module):
     def from_pretrained(
         cls: type[_Model], directory: str | os.PathLike[str], *, device: str | torch.device = "cpu"
     ) -> _Model:
-        """The model a :meth:`save_pretrained` directory holds, in eval mode.
+        """The model a ``save_pretrained`` directory holds, in eval mode.
 
         Reads JSON and safetensors only, so loading runs no code from the directory.
         Floating-point weights keep their saved dtype.
@@ -350,11 +350,11 @@ class AutoregressiveModel(nn.Module):
 
         Args:
             x: ``(B, C, H, W)`` integer image with values in ``[0, K)``.
-            labels: class labels, as for :meth:`forward`.
-            cond: conditioning map, as for :meth:`forward`.
+            labels: class labels, as for ``forward``.
+            cond: conditioning map, as for ``forward``.
 
         Returns:
-            ``(B,)`` log-likelihoods in nats. :func:`nll_per_dim` turns them into
+            ``(B,)`` log-likelihoods in nats. ``nll_per_dim`` turns them into
             nats/dim or bits/dim.
         """
         # forward has checked x already: score without checking it a second time.
@@ -410,7 +410,7 @@ class AutoregressiveModel(nn.Module):
         image_size: tuple[int, int] | None = None,
         **kwargs: Any,
     ) -> Tensor:
-        """Draw images; see :func:`maskedconv.sample` for the keyword arguments.
+        """Draw images; see ``maskedconv.sample`` for the keyword arguments.
 
         Args:
             num_samples: B; omit when completing an image given as ``x=``.
@@ -451,13 +451,13 @@ class PixelCNN(AutoregressiveModel):
         head                             softmax over K levels, or a logistic mixture
 
     ``block="bottleneck"`` swaps in the Berkeley course solution's block
-    (:class:`~maskedconv.BottleneckBlock`). With ``color_groups = C`` channels are
+    (``BottleneckBlock``). With ``color_groups = C`` channels are
     generated in order R -> G -> B within each pixel; with ``color_groups = 1`` they
     are independent given the previous pixels (or, with ``head="dmol"``, coupled by
     the head itself). With conditioning, a learned bias is added before the first
     conv's, each block's middle and the hidden conv's nonlinearity. Stacked masks
-    leave a blind spot above and to the right (see :func:`~maskedconv.receptive_field`);
-    :class:`~maskedconv.GatedPixelCNN` has none.
+    leave a blind spot above and to the right (see ``receptive_field``);
+    ``GatedPixelCNN`` has none.
 
     Args:
         in_channels: image channels C.
@@ -468,8 +468,8 @@ class PixelCNN(AutoregressiveModel):
         color_groups: ordered channel groups G; ``None``: C for the categorical head,
             1 for the mixture.
         group_layout: ``"blocked"`` or ``"interleaved"``.
-        head: ``"categorical"`` (:class:`~maskedconv.Categorical`), ``"dmol"``
-            (:class:`~maskedconv.DiscretizedLogisticMixture`) or an instance of either.
+        head: ``"categorical"`` (``Categorical``), ``"dmol"``
+            (``DiscretizedLogisticMixture``) or an instance of either.
         num_mixtures: mixture components M of ``head="dmol"``.
         input: ``"scaled"`` (levels are intensities, mapped to ``[-1, 1]``) or
             ``"embedding"`` (levels are unordered codes, each with a learned vector).
@@ -535,7 +535,7 @@ class PixelCNN(AutoregressiveModel):
         Args:
             h: ``(B, F, H, W)`` float, as ``model.stem(x)`` makes it (``F = C`` for the
                 scaled stem, ``C * D`` for the embedding).
-            cond: the checked conditioning (:meth:`conditioning`), or ``None``.
+            cond: the checked conditioning (``conditioning``), or ``None``.
 
         Returns:
             The head's parameters: ``(B, C, K, H, W)`` logits for the categorical head,
@@ -565,7 +565,7 @@ class PixelCNN(AutoregressiveModel):
         """This model evaluated one pixel at a time, for samplers and decoders.
 
         The step maps a pixel's integer values ``(B, C)`` to the head's parameters
-        there (``(B, C, K)`` or ``(B, P)``); see :class:`~maskedconv.IncrementalEvaluator`
+        there (``(B, C, K)`` or ``(B, P)``); see ``IncrementalEvaluator``
         for the public way to drive it.
 
         Args:
@@ -585,7 +585,7 @@ class PixelCNN(AutoregressiveModel):
 
 
 class _PixelCNNStep:
-    """A :class:`PixelCNN` composed of its layers' incremental steps."""
+    """A ``PixelCNN`` composed of its layers' incremental steps."""
 
     def __init__(self, model: PixelCNN, batch: int, width: int, cond: Conditioning | None) -> None:
         self.model = model

@@ -6,15 +6,15 @@ The sampler works with any model that follows this protocol:
   returns its output distribution's parameters with the pixels last, ``(B, ..., H,
   W)``, where those of sub-pixel (c, i, j) depend only on pixels before (i, j) and on
   earlier colour groups at (i, j);
-* ``model.head``: the output distribution (:class:`~maskedconv.Categorical`,
-  :class:`~maskedconv.DiscretizedLogisticMixture`); without one, the output is
+* ``model.head``: the output distribution (``Categorical``,
+  ``DiscretizedLogisticMixture``); without one, the output is
   taken as ``(B, C, K, H, W)`` logits of a categorical over K levels;
 * optional: ``color_groups`` (G, default 1) and ``group_layout`` (default
   ``"blocked"``) say which channels are drawn together; ``causal_rows = True`` says
   that output rows ``<= r`` depend only on input rows ``<= r`` (true for any stack of
   masked convolutions), so the sampler may feed only the rows it needs;
 * optional, for the fast exact path: ``model.incremental(batch, width)`` returns an
-  :class:`~maskedconv.IncrementalStep` mapping a pixel's values ``(B, C)`` to the
+  ``IncrementalStep`` mapping a pixel's values ``(B, C)`` to the
   head's parameters there.
 
 This module imports no model class: any model offering the protocol is served.
@@ -101,19 +101,19 @@ class IncrementalEvaluator:
     """A model evaluated position by position in raster order, equal to its forward.
 
     For decoders (entropy coding with a PixelCNN context model) and custom samplers:
-    at each position, :meth:`params` returns the head's parameters there from
+    at each position, ``params`` returns the head's parameters there from
     everything decoded so far, equal to what the full forward pass would give for the
-    finished image (float64 to about 1e-10, float32 to about 1e-5); :meth:`advance`
+    finished image (float64 to about 1e-10, float32 to about 1e-5); ``advance``
     stores the position's final values and moves on. Each position costs one pass of
     every layer at that pixel, not a forward over the whole image.
 
     Within a pixel, colour groups come in order: the parameters of group g's channels
     are exact once the pixel's earlier groups hold their final values (later groups
-    may hold anything). :attr:`groups` lists each group's channels.
+    may hold anything). ``groups`` lists each group's channels.
 
     Args:
         model: a model with an ``incremental(batch, width)`` method (see
-            :mod:`maskedconv._incremental`), e.g. a :class:`~maskedconv.PixelCNN`.
+            ``maskedconv._incremental``), e.g. a ``PixelCNN``.
         batch_size: B.
         image_size: ``(H, W)``.
         color_groups: G; defaults to ``model.color_groups``, else 1.
@@ -282,7 +282,7 @@ def sample(
     * ``"naive"``: run the whole model at each step (van den Oord et al., 2016). Exact
       for any model that follows the protocol in this module's docstring.
     * ``"cached"``: for a model with an ``incremental`` method (every
-      :class:`~maskedconv.PixelCNN`), compute every layer at the current pixel only,
+      ``PixelCNN``), compute every layer at the current pixel only,
       from cached activations (Ramachandran et al., 2017): about one forward pass per
       colour group in all, instead of H*W*G. The caches hold about ``kh // 2 + 1``
       rows of each kxk conv's input.
