@@ -22,6 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ def _read_verified(data_dir: Path, name: str, expected_sha: str | None) -> np.nd
         if path.suffix == ".gz":
             try:
                 raw = gzip.decompress(raw)
-            except (OSError, EOFError) as err:
+            except (OSError, EOFError, zlib.error) as err:
                 raise DataError(f"{path} is not a valid gzip file ({err}); delete it") from None
         if expected_sha is not None:
             digest = hashlib.sha256(raw).hexdigest()
@@ -219,8 +220,16 @@ def load_pickle(path: Path) -> dict[str, np.ndarray]:
             data = _ArraysOnly(f).load()
     except FileNotFoundError:
         raise DataError(f"--pickle {path} does not exist") from None
+    except IsADirectoryError:
+        raise DataError(f"--pickle {path} is a directory, not a pickle file") from None
     except pickle.UnpicklingError as err:
         raise DataError(f"{path}: {err}") from None
+    except EOFError:
+        raise DataError(f"{path} is empty or truncated: not a whole pickle") from None
+    except MemoryError:
+        raise DataError(f"{path} declares an array larger than this machine's memory") from None
+    except Exception as err:  # a damaged pickle: ValueError, TypeError, ... from numpy
+        raise DataError(f"{path} is not a readable pickle ({type(err).__name__}: {err})") from None
     if not isinstance(data, dict) or not {"train", "test"} <= set(data):
         raise DataError(f"{path}: expected a dict with 'train' and 'test' arrays")
     for key in ("train", "test"):
@@ -508,17 +517,73 @@ def prepare_out_dir(out: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+def payload_digest(value: Any) -> str:
+    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes and every
+    plain value, keys in sorted order. ``torch.load`` does not check the zip's CRCs, so a
+    flipped byte in a tensor would otherwise load without a word."""
+    sha = hashlib.sha256()
+
+    def feed(v: Any) -> None:
+        if isinstance(v, Tensor):
+            t = v.detach().cpu().contiguous().reshape(-1)
+            sha.update(f"T{t.dtype}{tuple(v.shape)}".encode())
+            sha.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(v, dict):
+            sha.update(f"D{len(v)}".encode())
+            for key in sorted(v, key=repr):
+                feed(key)
+                feed(v[key])
+        elif isinstance(v, list | tuple):
+            sha.update(f"L{len(v)}".encode())
+            for item in v:
+                feed(item)
+        else:
+            sha.update(f"V{type(v).__name__}:{v!r}".encode())
+
+    feed(value)
+    return sha.hexdigest()
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` atomically, with the digest of its contents under ``"digest"``."""
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save({**state, "digest": payload_digest(state)}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A checkpoint of :func:`save_checkpoint`, verified; one-line ``DataError`` otherwise.
+
+    Plain tensors, numbers and strings only (``weights_only``): loading never runs code
+    from the file. The contents must match the digest saved with them (checkpoints of
+    0.1 have none and load as they are), and hold the ``required`` keys.
+    """
     if not path.exists():
         raise DataError(f"--resume: no checkpoint at {path}; run without --resume first")
-    # Plain tensors, numbers and strings only: never unpickle arbitrary objects.
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # EOFError, UnpicklingError, RuntimeError (zip), ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {reason[:200]}); it is "
+            f"truncated or corrupt: delete it (and run without --resume), or choose another "
+            f"--out-dir"
+        ) from None
+    if not isinstance(state, dict):
+        raise DataError(
+            f"{path} is not a checkpoint of this example (it holds a {type(state).__name__})"
+        )
+    digest = state.pop("digest", None)
+    if digest is not None and digest != payload_digest(state):
+        raise DataError(
+            f"{path} is corrupt: its contents do not match the SHA-256 saved with them; delete "
+            f"it (and run without --resume), or choose another --out-dir"
+        )
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise DataError(
+            f"{path} is not a checkpoint of this example (it lacks {', '.join(map(repr, missing))})"
+        )
     return state
 
 
@@ -754,7 +819,7 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
         "test_curve": [],
     }
     if args.resume:
-        saved = load_checkpoint(ckpt_path)
+        saved = load_checkpoint(ckpt_path, ("identity", "model", "optimizer", "rng_cpu", *state))
         check_identity(saved["identity"], identity, ckpt_path)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])  # moves its tensors to the model's device

@@ -336,7 +336,9 @@ def train_stage(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     step, curve = 0, []
     if stage.path.exists():  # only with --resume: run() refuses the rest
-        saved = load_checkpoint(stage.path)
+        saved = load_checkpoint(
+            stage.path, ("identity", "model", "optimizer", "rng_cpu", "step", "curve")
+        )
         _check_identity(saved["identity"], stage.identity, stage.path)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -510,7 +512,9 @@ def _run(args: argparse.Namespace) -> int:
 
         # ---- the code maps of both sets, made once per VQ-VAE
         codes_path = out / "codes.pt"
-        codes = load_checkpoint(codes_path) if codes_path.exists() else None
+        codes = None
+        if codes_path.exists():
+            codes = load_checkpoint(codes_path, ("identity", "step", "train", "test", "test_mse"))
         if codes is None or codes["identity"] != vq_stage.identity or codes["step"] != vq_step:
             started = time.perf_counter()
             train_codes, _ = encode_all(vqvae, train, args.eval_batch_size, device, False)
@@ -572,7 +576,7 @@ def _run(args: argparse.Namespace) -> int:
                 _steps(args, args.prior_steps),
             )
             if stage.path.exists():
-                saved = load_checkpoint(stage.path)["identity"]
+                saved = load_checkpoint(stage.path, ("identity",))["identity"]
                 if saved != stage.identity and {**saved, "vqvae_step": vq_step} == stage.identity:
                     print(
                         f"{stage.path} was trained on the codes of the VQ-VAE at step "

@@ -483,6 +483,92 @@ def test_resume_applies_a_new_learning_rate_and_says_so(
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == 3e-4
 
 
+def test_a_flipped_byte_in_a_checkpoint_is_found_on_resume(
+    tmp_path: Path, data_args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_binary(tmp_path, data_args, "--max-steps", "1") == 0
+    path = tmp_path / "checkpoint.pt"
+    weight = torch.load(path, weights_only=True)["model"]["output_conv.weight"]
+    raw = bytearray(path.read_bytes())
+    at = raw.find(weight.numpy().tobytes())
+    assert at > 0
+    raw[at + 5] ^= 0x10  # one bit of one weight: the zip still unpacks
+    path.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert run_binary(tmp_path, data_args, "--max-steps", "2", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "is corrupt: its contents do not match the SHA-256 saved with them" in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "is not a readable checkpoint"),
+        ("half", "is not a readable checkpoint"),
+        ("foreign", "is not a checkpoint of this example (it lacks 'identity'"),
+        ("list", "is not a checkpoint of this example (it holds a list)"),
+    ],
+)
+def test_truncated_empty_or_foreign_checkpoints_are_one_line_errors(
+    tmp_path: Path,
+    data_args: list[str],
+    capsys: pytest.CaptureFixture[str],
+    content: bytes | str,
+    message: str,
+) -> None:
+    assert run_binary(tmp_path, data_args, "--max-steps", "1") == 0
+    path = tmp_path / "checkpoint.pt"
+    if content == "half":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif content == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    elif content == "list":
+        torch.save([1, 2], path)
+    else:
+        path.write_bytes(content)  # type: ignore[arg-type]
+    capsys.readouterr()
+    assert run_binary(tmp_path, data_args, "--max-steps", "2", "--resume") == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_damaged_gzip_and_pickles_are_one_line_errors(tmp_path: Path) -> None:
+    # A single-byte corruption of a gzip file fails its checks or the SHA-256 (a
+    # DataError), or hits a byte nothing reads (the header's time stamp): never zlib.error.
+    array = np.arange(28 * 28 * 3, dtype=np.uint8).reshape(3, 28, 28)
+    good = gzip.compress(idx_bytes(array))
+    name = "train-images-idx3-ubyte"
+    refused = 0
+    positions = range(0, len(good), max(1, len(good) // 48))
+    for at in positions:
+        bad = bytearray(good)
+        bad[at] ^= 0xFF
+        (tmp_path / f"{name}.gz").write_bytes(bytes(bad))
+        try:
+            read = mc._read_verified(tmp_path, name, hashlib.sha256(idx_bytes(array)).hexdigest())
+        except mc.DataError:
+            refused += 1
+            continue
+        assert np.array_equal(read, array), at
+    assert refused > len(positions) // 2
+    empty = tmp_path / "empty.pkl"
+    empty.write_bytes(b"")
+    with pytest.raises(mc.DataError, match="is empty or truncated"):
+        mc.load_pickle(empty)
+    # A pickle declaring a 1 TiB array: shape (2**40, 1, 1, 1), one byte of data.
+    arrays = {"train": np.zeros((1, 1, 1, 1), np.uint8), "test": np.zeros((1, 1, 1, 1), np.uint8)}
+    raw = pickle.dumps(arrays, protocol=3)
+    shape, huge_shape = (
+        b"(K\x01K\x01K\x01K\x01t",
+        b"(\x8a\x06\x00\x00\x00\x00\x00\x01K\x01K\x01K\x01t",
+    )
+    assert shape in raw
+    (tmp_path / "huge.pkl").write_bytes(raw.replace(shape, huge_shape, 1))
+    with pytest.raises(mc.DataError, match="is not a readable pickle"):
+        mc.load_pickle(tmp_path / "huge.pkl")
+
+
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, data_args: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -491,7 +577,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
     ckpt = torch.load(path, weights_only=True)
     first = next(k for k in ckpt["model"] if k.endswith("weight"))
     ckpt["model"][first] = torch.full_like(ckpt["model"][first], float("nan"))
-    torch.save(ckpt, path)
+    mc.save_checkpoint(path, {k: v for k, v in ckpt.items() if k != "digest"})
     before = path.read_bytes()
     assert run_binary(tmp_path, data_args, "--max-steps", "3", "--resume") == 2
     assert "at step 2: log_prob is not finite" in capsys.readouterr().err

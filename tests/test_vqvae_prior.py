@@ -144,14 +144,14 @@ def test_stopped_in_each_stage_and_resumed_equals_a_straight_run(
     monkeypatch.setattr(vp, "StopFlag", lambda: _StopAtPoll(2))
     assert _run(stopped) == 0
     assert "stopped by SIGINT in stage 1: VQ-VAE" in capsys.readouterr().out
-    assert torch.load(stopped / "vqvae.ckpt.pt", weights_only=True)["step"] == 2
+    assert mc.load_checkpoint(stopped / "vqvae.ckpt.pt")["step"] == 2
     assert not (stopped / "codes.pt").exists() and not (stopped / "models.pt").exists()
 
     # Resumed: stage 1's last step (poll 1), then stopped at the prior's step 2 (poll 3).
     monkeypatch.setattr(vp, "StopFlag", lambda: _StopAtPoll(3))
     assert _run(stopped, "--resume") == 0
     assert "stopped by SIGINT in stage 2" in capsys.readouterr().out
-    assert torch.load(stopped / "prior_top.ckpt.pt", weights_only=True)["step"] == 2
+    assert mc.load_checkpoint(stopped / "prior_top.ckpt.pt")["step"] == 2
     assert (stopped / "codes.pt").exists() and not (stopped / "models.pt").exists()
 
     # Resumed again: the prior's last step, then stage 3.
