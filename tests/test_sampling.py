@@ -296,3 +296,26 @@ def test_a_generator_on_another_gpu_is_another_device() -> None:
     assert _same_device(torch.device("cuda"), torch.device("cuda:0"))
     assert _same_device(torch.device("cpu"), torch.device("cpu"))
     assert not _same_device(torch.device("cuda:0"), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method", ["cached", "naive"])
+def test_a_model_with_a_nan_weight_is_refused_not_sampled_as_zeros(method: str) -> None:
+    model = PixelCNN(1, 2, hidden_channels=8, num_layers=2)
+    with torch.no_grad():
+        model.output_conv.bias[1] = float("nan")
+    with pytest.raises(ValueError, match="the model's output is NaN in row 0"):
+        model.sample(2, (4, 4), method=method)
+
+
+def test_minus_infinity_logits_are_allowed() -> None:
+    # A model may rule levels out with -inf logits: only NaN is refused.
+    class Never3(torch.nn.Module):
+        head = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = torch.zeros(x.shape[0], 1, 4, *x.shape[2:])
+            logits[:, :, 3] = float("-inf")
+            return logits
+
+    images = sample(Never3(), (64, 1, 3, 3), generator=torch.Generator().manual_seed(0))
+    assert images.max() <= 2 and images.min() == 0

@@ -384,6 +384,9 @@ def sample(
                         f"method='cached' needs a model with an incremental path, but "
                         f"{reason}; use method='naive'"
                     ) from None
+        # The sum of every output, in float64: NaN once any output is NaN (or +inf meets
+        # -inf). Checked once a row, so that the loop does not wait on the device.
+        total = torch.zeros((), dtype=torch.float64, device=images.device)
         for row in range(height):
             visible = images[:, :, : row + 1] if crop else images
             for col in range(width):
@@ -398,6 +401,7 @@ def sample(
                         params = evaluator._stepper.step(pixel, col)
                     else:
                         params = model(visible, **conditioning)[..., row, col]
+                    total.add_(params.sum(dtype=torch.float64))
                     if head is None:  # a bare model: (B, C, K) logits
                         head = Categorical(params.shape[-1])
                         _check_known_values(images, known, head.levels)
@@ -415,6 +419,11 @@ def sample(
                     computed_last = group == len(members) - 1
                 if evaluator is not None:
                     evaluator._finish(pixel, computed_last)
+            if bool(total.isnan()):
+                raise ValueError(
+                    f"the model's output is NaN in row {row}: its weights or the conditioning "
+                    f"hold NaN (or +inf meets -inf); no images were drawn"
+                )
     finally:
         model.train(was_training)
     return images
