@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from maskedconv import MaskedConv2d, masked_conv2d
+from maskedconv import MaskedConv2d, PixelCNN, masked_conv2d
 
 
 def test_keeps_height_and_width() -> None:
@@ -23,7 +23,8 @@ def test_is_a_conv2d_with_mask_buffer() -> None:
     assert isinstance(conv, nn.Conv2d)
     assert conv.mask.shape == conv.weight.shape
     assert "mask" in dict(conv.named_buffers())
-    assert set(conv.state_dict()) == {"weight", "bias"}
+    # The mask is not saved; what it is (its description and digest) is, as extra state.
+    assert set(conv.state_dict()) == {"weight", "bias", "_extra_state"}
 
 
 def test_masked_weights_zero_from_construction() -> None:
@@ -64,7 +65,10 @@ def test_optimizer_steps_keep_masked_weights_zero() -> None:
 def test_state_dict_round_trip_and_plain_conv_compatibility() -> None:
     conv = MaskedConv2d(4, 8, 3)
     plain = nn.Conv2d(4, 8, 3, padding=1)
-    plain.load_state_dict(conv.state_dict())
+    # Into a plain conv: the weights (already masked), without the mask's description.
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        plain.load_state_dict(conv.state_dict())
+    plain.load_state_dict(conv.state_dict(), strict=False)
     x = torch.randn(1, 4, 5, 5)
     torch.testing.assert_close(plain(x), conv(x))
     other = MaskedConv2d(4, 8, 3)
@@ -319,7 +323,7 @@ def test_numpy_integers_are_taken_as_nn_conv2d_takes_them() -> None:
 
 
 def test_meta_construction_and_to_empty_rebuild_the_mask() -> None:
-    from maskedconv import GatedPixelCNN, PixelCNN
+    from maskedconv import GatedPixelCNN
 
     for cls in (PixelCNN, GatedPixelCNN):
         torch.manual_seed(0)
@@ -334,3 +338,41 @@ def test_meta_construction_and_to_empty_rebuild_the_mask() -> None:
             torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
             conv = model.input_conv if cls is PixelCNN else model.layers[0].h_conv
             assert torch.equal(conv.mask, conv._mask_source)
+
+
+@pytest.mark.parametrize(
+    ("saved", "loading", "says"),
+    [
+        (dict(mask_type="A"), dict(mask_type="B"), "mask_type='A'"),
+        (dict(color_groups=3), dict(color_groups=1), "color_groups=3"),
+        (
+            dict(color_groups=3, group_layout="blocked"),
+            dict(color_groups=3, group_layout="interleaved"),
+            "group_layout='blocked'",
+        ),
+    ],
+)
+def test_weights_of_another_mask_are_refused(saved: dict, loading: dict, says: str) -> None:
+    a = MaskedConv2d(6, 6, 3, **saved)
+    b = MaskedConv2d(6, 6, 3, **loading)
+    with pytest.raises(ValueError, match=f"saved from a MaskedConv2d with .*{says}"):
+        b.load_state_dict(a.state_dict())
+    b.load_state_dict(MaskedConv2d(6, 6, 3, **loading).state_dict())  # the same mask loads
+
+
+def test_a_plain_conv2d_state_dict_still_loads() -> None:
+    dense = nn.Conv2d(6, 6, 3, padding=1)
+    layer = MaskedConv2d(6, 6, 3, mask_type="A", color_groups=3)
+    layer.load_state_dict(dense.state_dict())
+    assert torch.equal(layer.weight, dense.weight)
+    assert layer.state_dict()["_extra_state"]["mask"].startswith("mask_type='A', color_groups=3")
+
+
+def test_a_model_of_another_colour_layout_is_refused() -> None:
+    blocked = PixelCNN(3, 4, hidden_channels=12, num_layers=2)
+    for other in (
+        PixelCNN(3, 4, hidden_channels=12, num_layers=2, group_layout="interleaved"),
+        PixelCNN(3, 4, hidden_channels=12, num_layers=2, color_groups=1),
+    ):
+        with pytest.raises(ValueError, match="the masks differ"):
+            other.load_state_dict(blocked.state_dict())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import operator
 from collections.abc import Callable
 from typing import Any, TypeAlias, cast
@@ -104,6 +105,14 @@ def _int_pair(name: str, value: object) -> tuple[int, int]:
         return _index(name, value[0]), _index(name, value[1])
     one = _index(name, value)
     return one, one
+
+
+def _accept_without_extra_state(
+    module: MaskedConv2d, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    # A plain nn.Conv2d's (or a 0.1) state_dict has no mask description: it loads as
+    # before, into whatever mask this layer has.
+    state_dict.setdefault(prefix + "_extra_state", module.get_extra_state())
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -257,6 +266,43 @@ class MaskedConv2d(nn.Conv2d):
         with torch.no_grad():
             self.weight.mul_(self.mask)
         self._crop = _crop_plan(mask, dilation2)
+        digest = hashlib.sha256(f"{tuple(mask.shape)}".encode() + mask.numpy().tobytes())
+        self._mask_digest = digest.hexdigest()
+        self.register_load_state_dict_pre_hook(_accept_without_extra_state)  # type: ignore[no-untyped-call]
+
+    def _mask_description(self) -> str:
+        kind = self.mask_type
+        name = kind if isinstance(kind, str) else getattr(kind, "__name__", type(kind).__name__)
+        return (
+            f"mask_type={name!r}, color_groups={self.color_groups}, "
+            f"group_layout={self.group_layout!r}"
+        )
+
+    def get_extra_state(self) -> dict[str, str]:
+        """What the mask is, saved in the ``state_dict`` beside the weights.
+
+        Weights trained under one mask give other outputs under another, so loading them
+        into a layer with another mask (type A into B, another ``color_groups`` or
+        ``group_layout``) is refused. A ``state_dict`` without it (a plain
+        ``nn.Conv2d``'s, or one from maskedconv 0.1) loads as before: to load weights
+        into another mask on purpose, drop the ``_extra_state`` entries first. Into a
+        plain ``nn.Conv2d``, load with ``strict=False``.
+        """
+        return {"mask": self._mask_description(), "mask_sha256": self._mask_digest}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check a saved mask description against this layer's mask."""
+        if not isinstance(state, dict) or "mask_sha256" not in state:
+            raise ValueError(
+                f"the state_dict's extra state for a MaskedConv2d must be the dict that "
+                f"get_extra_state() gives, but got {state!r}"
+            )
+        if state["mask_sha256"] != self._mask_digest:
+            raise ValueError(
+                f"these weights were saved from a MaskedConv2d with {state.get('mask')}, but "
+                f"this layer has {self._mask_description()}: the masks differ, so the same "
+                f"weights would give other outputs; build the model as it was saved"
+            )
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> MaskedConv2d:
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]

@@ -71,7 +71,11 @@ def save_pretrained(
 
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    # Tensors only: the layers' extra state (the masks' descriptions) follows from the
+    # config, which rebuilds the same masks.
+    tensors = {
+        k: v.detach().contiguous() for k, v in model.state_dict().items() if isinstance(v, Tensor)
+    }
     metadata = {"format": "pt", "maskedconv_version": __version__}
     _write_atomic(folder / WEIGHTS_NAME, save(tensors, metadata=metadata))
     document = {"model_type": type(model).__name__, "maskedconv_version": __version__, **config}
@@ -134,6 +138,7 @@ def read_weights(
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
     problems = []
+    expected = {k: v for k, v in expected.items() if isinstance(v, Tensor)}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
