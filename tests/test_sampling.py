@@ -319,3 +319,22 @@ def test_minus_infinity_logits_are_allowed() -> None:
 
     images = sample(Never3(), (64, 1, 3, 3), generator=torch.Generator().manual_seed(0))
     assert images.max() <= 2 and images.min() == 0
+
+
+@pytest.mark.parametrize("tqdm_installed", [True, False])
+def test_progress_shows_rows_and_changes_nothing(
+    tqdm_installed: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    if not tqdm_installed:
+        monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails
+    model = PixelCNN(1, 2, hidden_channels=8, num_layers=2)
+    quiet = model.sample(3, (5, 4), generator=torch.Generator().manual_seed(0))
+    assert capsys.readouterr().err == ""
+    shown = model.sample(3, (5, 4), generator=torch.Generator().manual_seed(0), progress=True)
+    assert torch.equal(quiet, shown)
+    err = capsys.readouterr().err
+    assert "sampling 3x1x5x4" in err
+    if not tqdm_installed:
+        assert err.splitlines()[-1] == "sampling 3x1x5x4: row 5/5"

@@ -23,7 +23,8 @@ This module imports no model class: any model offering the protocol is served.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -268,6 +269,7 @@ def sample(
     method: str = "auto",
     labels: Tensor | None = None,
     cond: Tensor | None = None,
+    progress: bool = False,
 ) -> Tensor:
     """Draw integer images from an autoregressive model, one sub-pixel group at a time.
 
@@ -298,6 +300,8 @@ def sample(
         generator: the source of randomness, on the model's device; the global RNG is
             never touched (without one, a fresh generator is seeded from the OS).
         temperature: > 0; divides the log-probabilities. Below 1 sharpens towards the mode.
+        progress: show a progress bar, a step per row (tqdm; without tqdm installed,
+            a line per row on stderr).
         color_groups: G; defaults to ``model.color_groups``, else 1.
         group_layout: defaults to ``model.group_layout``, else ``"blocked"``.
         method: ``"auto"``, ``"cached"`` or ``"naive"``.
@@ -387,7 +391,12 @@ def sample(
         # The sum of every output, in float64: NaN once any output is NaN (or +inf meets
         # -inf). Checked once a row, so that the loop does not wait on the device.
         total = torch.zeros((), dtype=torch.float64, device=images.device)
+        bar = (
+            _progress(height, f"sampling {batch}x{channels}x{height}x{width}") if progress else None
+        )
         for row in range(height):
+            if bar is not None:
+                bar(row)
             visible = images[:, :, : row + 1] if crop else images
             for col in range(width):
                 pixel = images[:, :, row, col]  # a view: draws land in it
@@ -424,9 +433,31 @@ def sample(
                     f"the model's output is NaN in row {row}: its weights or the conditioning "
                     f"hold NaN (or +inf meets -inf); no images were drawn"
                 )
+        if bar is not None:
+            bar(height)
     finally:
         model.train(was_training)
     return images
+
+
+def _progress(rows: int, text: str) -> Callable[[int], None]:
+    """``done(row)`` reports rows done; tqdm's bar if it is installed, else stderr lines."""
+    try:
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
+    except ImportError:
+
+        def line(done: int) -> None:
+            print(f"{text}: row {done}/{rows}", file=sys.stderr, flush=True)
+
+        return line
+    bar = tqdm(total=rows, desc=text, unit="row", leave=False)
+
+    def update(done: int) -> None:
+        bar.update(done - bar.n)
+        if done == rows:
+            bar.close()
+
+    return update
 
 
 def _conditioning_kwargs(labels: Tensor | None, cond: Tensor | None) -> dict[str, Any]:
