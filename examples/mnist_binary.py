@@ -19,4 +19,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mnist_common import BINARY, run
 
 if __name__ == "__main__":
-    raise SystemExit(run(BINARY, __doc__.splitlines()[0]))
+    raise SystemExit(run(BINARY, __doc__))

@@ -21,4 +21,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mnist_common import COLOR, run
 
 if __name__ == "__main__":
-    raise SystemExit(run(COLOR, __doc__.splitlines()[0]))
+    raise SystemExit(run(COLOR, __doc__))

@@ -319,8 +319,12 @@ def load_images(exp: Experiment, args: argparse.Namespace) -> Images:
     )
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help``: the script's docstring as written, and every flag's default."""
+
+
 def make_parser(exp: Experiment, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument(
         "--data-dir",
         default="data/mnist",
@@ -887,9 +891,14 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
                 pin_memory=device.type == "cuda",
             )
             model.train()
+            # The bar ends where this epoch's part of the run ends: at the epoch's end,
+            # or at --max-steps.
+            last = steps_per_epoch
+            if args.max_steps is not None:
+                last = min(last, state["batch_in_epoch"] + args.max_steps - state["step"])
             bar = tqdm(
                 loader,
-                total=steps_per_epoch,
+                total=last,
                 initial=state["batch_in_epoch"],
                 desc=f"epoch {epoch + 1}/{args.epochs}",
                 disable=not d.main,
@@ -940,6 +949,8 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
             if not stopping:  # after each epoch, and where --max-steps ends a run
+                if d.main:
+                    print(f"evaluating on the {len(test)} test images ...", flush=True)
                 nats, bits = evaluate(
                     model, test, test_labels, d, device, args.eval_batch_size, args.amp
                 )

@@ -20,4 +20,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mnist_common import GRAY, run
 
 if __name__ == "__main__":
-    raise SystemExit(run(GRAY, __doc__.splitlines()[0]))
+    raise SystemExit(run(GRAY, __doc__))

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mnist_common import (
     DataError,
+    HelpFormatter,
     StopFlag,
     _save_png,
     atomic_write_bytes,
@@ -225,8 +226,8 @@ def load_models(path: str | Path, device: str = "cpu") -> tuple[VQVAE, list[Gate
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--data-dir", default="data/mnist", help="MNIST IDX files (gzip or raw)")
     p.add_argument(
@@ -430,17 +431,23 @@ def prior_nll(
     prior: GatedPixelCNN,
     codes: Tensor,
     labels: Tensor,
+    tops: Tensor,
     cond: Callable[[Tensor], Tensor | None],
     batch_size: int,
     device: torch.device,
 ) -> float:
-    """Mean negative log-likelihood of the code maps ``(N, h, w)``, in bits per map."""
+    """Mean negative log-likelihood of the code maps ``(N, h, w)``, in bits per map.
+
+    ``cond(tops[i])`` conditions map i: the prior of the bottom level reads the top map
+    of the same image (``tops``, the top-level codes of the same set).
+    """
     prior.eval()
     total = 0.0
     for start in range(0, len(codes), batch_size):
         x = codes[start : start + batch_size, None].to(device).long()
         y = labels[start : start + batch_size].to(device)
-        total -= float(prior.log_prob(x, labels=y, cond=cond(x[:, 0])).double().sum())
+        c = cond(tops[start : start + batch_size])
+        total -= float(prior.log_prob(x, labels=y, cond=c).double().sum())
     return total / len(codes) / math.log(2)
 
 
@@ -610,7 +617,13 @@ def _run(args: argparse.Namespace) -> int:
                 return _stopped(signal, stage)
             dims = size[0] * size[1]
             nll = prior_nll(
-                prior, test_codes[level], test_labels, cond, args.eval_batch_size, device
+                prior,
+                test_codes[level],
+                test_labels,
+                test_codes[0],
+                cond,
+                args.eval_batch_size,
+                device,
             )
             metrics["priors"].append(
                 {

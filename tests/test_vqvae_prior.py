@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,29 @@ def test_the_default_prior_sees_every_earlier_code_of_a_7x7_map() -> None:
             seen = receptive_field(prior, (1, 7, 7), (i, j), labels=torch.zeros(1).long())[0]
             earlier = torch.arange(49).view(7, 7) < i * 7 + j
             assert torch.equal(seen, earlier), (i, j)
+
+
+def test_the_bottom_nll_conditions_each_map_on_its_own_top_map() -> None:
+    torch.manual_seed(0)
+    prior = GatedPixelCNN(
+        1, 6, input="embedding", num_classes=2, cond_channels=3, hidden_channels=8, num_layers=2
+    )
+    with torch.no_grad():  # conditioning starts at zero: make it matter
+        for p in prior.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    codebook = torch.randn(6, 3)
+    bottoms, tops = torch.randint(0, 6, (7, 4, 4)), torch.randint(0, 6, (7, 2, 2))
+    labels = torch.randint(0, 2, (7,))
+
+    def cond(top: torch.Tensor) -> torch.Tensor:
+        return codebook[top.long()].permute(0, 3, 1, 2)
+
+    with torch.no_grad():
+        lp = prior.log_prob(bottoms[:, None], labels=labels, cond=cond(tops))
+    got = vp.prior_nll(prior, bottoms, labels, tops, cond, 3, torch.device("cpu"))
+    assert got == pytest.approx(-lp.mean().item() / math.log(2), rel=1e-6)
+    shuffled = vp.prior_nll(prior, bottoms, labels, tops.roll(1, 0), cond, 3, torch.device("cpu"))
+    assert shuffled != pytest.approx(got, rel=1e-3)  # the top maps matter
 
 
 def _run(out: Path, *extra: str) -> int:
@@ -210,6 +234,18 @@ def test_two_levels_sample_top_then_bottom_given_top(tmp_path: Path) -> None:
     assert metrics["test_nll_bits_per_image"] == pytest.approx(per_image)
     vqvae, (top, bottom) = vp.load_models(tmp_path / "models.pt")
     assert top.config.cond_channels is None and bottom.config.cond_channels == 8
+    # The bottom prior's test NLL, recomputed here: each bottom map given its own top map.
+    codes = mc.load_checkpoint(tmp_path / "codes.pt")
+    tops, bottoms = (c[:500].long() for c in codes["test"])
+    labels = torch.from_numpy(mc.load_mnist(REAL_MNIST, download=False)["test_labels"][:500].copy())
+    with torch.no_grad():
+        lp = bottom.log_prob(
+            bottoms[:, None], labels=labels.long(), cond=vqvae.code_vectors(0, tops)
+        )
+    # (over the first 500 test images; the metrics average all 10,000)
+    assert -lp.mean().item() / math.log(2) == pytest.approx(
+        metrics["priors"][1]["test_nll_bits_per_map"], rel=0.05
+    )
     # The bottom prior reads the top map: other top codes, other bottom probabilities.
     x = torch.zeros(2, 1, 14, 14, dtype=torch.long)
     tops = torch.stack([torch.zeros(7, 7), torch.full((7, 7), 5)]).long()

@@ -270,6 +270,15 @@ class MaskedConv2d(nn.Conv2d):
         self._mask_digest = digest.hexdigest()
         self.register_load_state_dict_pre_hook(_accept_without_extra_state)  # type: ignore[no-untyped-call]
 
+    def __prepare_scriptable__(self) -> Any:
+        """``torch.jit.script`` is not supported: refuse it with a clear message."""
+        raise TypeError(
+            f"torch.jit.script is not supported for {type(self).__name__} (TorchScript is in "
+            f"maintenance mode; this library's annotations and checks are plain Python): use "
+            f"torch.compile(model) or torch.export.export(model, (x,)), which are tested, or "
+            f"torch.jit.trace"
+        )
+
     def _mask_description(self) -> str:
         kind = self.mask_type
         name = kind if isinstance(kind, str) else getattr(kind, "__name__", type(kind).__name__)

@@ -274,6 +274,15 @@ class AutoregressiveModel(nn.Module):
         model.eval()
         return model
 
+    def __prepare_scriptable__(self) -> Any:
+        """``torch.jit.script`` is not supported: refuse it with a clear message."""
+        raise TypeError(
+            f"torch.jit.script is not supported for {type(self).__name__} (TorchScript is in "
+            f"maintenance mode; this library's annotations and checks are plain Python): use "
+            f"torch.compile(model) or torch.export.export(model, (x,)), which are tested, or "
+            f"torch.jit.trace"
+        )
+
     def _check_images(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, but got {type(x).__name__}")
