@@ -795,6 +795,11 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
 
     if d.main:
         prepare_out_dir(out)
+    if ckpt_path.exists() and not args.resume:  # nothing is overwritten without a word
+        raise DataError(
+            f"--out-dir {out} holds a checkpoint of an earlier run: continue it with --resume, "
+            f"or choose another --out-dir (or delete {ckpt_path})"
+        )
     images = load_images(exp, args)
     train, test = images.train, images.test
     # Labels ride along with the images always; the model sees them with --conditional.

@@ -592,3 +592,16 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
     assert run_binary(tmp_path, data_args, "--max-steps", "3", "--resume") == 2
     assert "at step 2: log_prob is not finite" in capsys.readouterr().err
     assert path.read_bytes() == before  # nothing written over it
+
+
+def test_a_rerun_into_an_earlier_runs_out_dir_is_refused(
+    tmp_path: Path, data_args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_binary(tmp_path, data_args, "--max-steps", "1") == 0
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert run_binary(tmp_path, data_args, "--max-steps", "1") == 2
+    assert (
+        "holds a checkpoint of an earlier run: continue it with --resume" in capsys.readouterr().err
+    )
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
