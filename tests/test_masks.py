@@ -136,3 +136,11 @@ def test_mask_matches_definition(
                     else:
                         want = False
                     assert bool(m[o, i, y, x]) == want, (o, i, y, x)
+
+
+def test_make_mask_takes_an_int_kernel_and_refuses_nonsense() -> None:
+    square = make_mask("A", out_channels=2, in_channels=2, kernel_size=5)
+    assert torch.equal(square, make_mask("A", out_channels=2, in_channels=2, kernel_size=(5, 5)))
+    for bad in (2.5, "7", (3, 3, 3), (0, 3)):
+        with pytest.raises(ValueError, match="kernel_size must be a positive int or a pair"):
+            make_mask("B", out_channels=1, in_channels=1, kernel_size=bad)

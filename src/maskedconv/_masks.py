@@ -247,7 +247,7 @@ def make_mask(
     *,
     out_channels: int,
     in_channels: int,
-    kernel_size: tuple[int, int],
+    kernel_size: int | tuple[int, int],
     color_groups: int = 1,
     group_layout: str = "blocked",
 ) -> Tensor:
@@ -257,7 +257,7 @@ def make_mask(
         mask_type: ``"A"``, ``"B"`` or a ``MaskFunction``.
         out_channels: rows of the weight.
         in_channels: columns of the weight (``in_channels // groups`` for a grouped conv).
-        kernel_size: ``(kh, kw)``.
+        kernel_size: ``(kh, kw)``, or one odd int k for ``(k, k)`` as ``nn.Conv2d`` takes.
         color_groups: number of channel groups G.
         group_layout: ``"blocked"`` or ``"interleaved"``.
 
@@ -269,6 +269,18 @@ def make_mask(
         TypeError: if a callable returns something other than a tensor.
     """
     fn = resolve_mask_type(mask_type)
+    if isinstance(kernel_size, int) and not isinstance(kernel_size, bool):
+        kernel_size = (kernel_size, kernel_size)
+    if (
+        not isinstance(kernel_size, tuple | list)
+        or len(kernel_size) != 2
+        or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in kernel_size)
+    ):
+        raise ValueError(
+            f"kernel_size must be a positive int or a pair (kh, kw) of them, but got "
+            f"{kernel_size!r}"
+        )
+    kernel_size = (int(kernel_size[0]), int(kernel_size[1]))
     mask = fn(
         out_channels=out_channels,
         in_channels=in_channels,
