@@ -902,7 +902,6 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
             if args.max_steps is not None:
                 last = min(last, state["batch_in_epoch"] + args.max_steps - state["step"])
             bar = tqdm(
-                loader,
                 total=last,
                 initial=state["batch_in_epoch"],
                 desc=f"epoch {epoch + 1}/{args.epochs}",
@@ -910,7 +909,7 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
                 dynamic_ncols=True,
             )
             started, seen = time.perf_counter(), 0
-            for x, y in bar:
+            for x, y in loader:
                 x = x.to(device, non_blocking=True).long()
                 y = y.to(device, non_blocking=True)
                 try:
@@ -938,10 +937,12 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
                         f"--clip, or check the data and the checkpoint"
                     )
                 state["train_curve"].append([state["step"], value])
-                bar.set_postfix(
+                bar.set_postfix(  # this step's loss, shown with this step's count
                     nats_per_dim=f"{value:.4f}",
                     img_s=f"{seen / (time.perf_counter() - started):.0f}",
+                    refresh=False,
                 )
+                bar.update(1)
                 stopping = stop.requested is not None
                 if d.enabled:  # ranks that stop at different steps would hang DDP
                     flag = torch.tensor([float(stopping)], device=device)
