@@ -107,6 +107,16 @@ def _int_pair(name: str, value: object) -> tuple[int, int]:
     return one, one
 
 
+def refuse_torchscript(self: nn.Module) -> Any:
+    """``torch.jit.script`` calls this first on every module: refuse with a clear message."""
+    raise TypeError(
+        f"torch.jit.script is not supported for {type(self).__name__} (TorchScript is in "
+        f"maintenance mode; this library's annotations and checks are plain Python): use "
+        f"torch.compile(model) or torch.export.export(model, (x,)), which are tested, or "
+        f"torch.jit.trace"
+    )
+
+
 def _accept_without_extra_state(
     module: MaskedConv2d, state_dict: dict[str, Any], prefix: str, *args: Any
 ) -> None:
@@ -270,14 +280,7 @@ class MaskedConv2d(nn.Conv2d):
         self._mask_digest = digest.hexdigest()
         self.register_load_state_dict_pre_hook(_accept_without_extra_state)  # type: ignore[no-untyped-call]
 
-    def __prepare_scriptable__(self) -> Any:
-        """``torch.jit.script`` is not supported: refuse it with a clear message."""
-        raise TypeError(
-            f"torch.jit.script is not supported for {type(self).__name__} (TorchScript is in "
-            f"maintenance mode; this library's annotations and checks are plain Python): use "
-            f"torch.compile(model) or torch.export.export(model, (x,)), which are tested, or "
-            f"torch.jit.trace"
-        )
+    __prepare_scriptable__ = refuse_torchscript
 
     def _mask_description(self) -> str:
         kind = self.mask_type

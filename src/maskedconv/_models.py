@@ -26,7 +26,7 @@ from ._conditioning import (
     make_condition_bias,
     prepare_conditioning,
 )
-from ._conv import MaskedConv2d
+from ._conv import MaskedConv2d, refuse_torchscript
 from ._heads import HEADS, OutputHead
 from ._incremental import IncrementalStep, NoIncrementalPathError, cache_bytes, step_of
 from ._masks import check_group_layout, group_split_error
@@ -274,14 +274,7 @@ class AutoregressiveModel(nn.Module):
         model.eval()
         return model
 
-    def __prepare_scriptable__(self) -> Any:
-        """``torch.jit.script`` is not supported: refuse it with a clear message."""
-        raise TypeError(
-            f"torch.jit.script is not supported for {type(self).__name__} (TorchScript is in "
-            f"maintenance mode; this library's annotations and checks are plain Python): use "
-            f"torch.compile(model) or torch.export.export(model, (x,)), which are tested, or "
-            f"torch.jit.trace"
-        )
+    __prepare_scriptable__ = refuse_torchscript
 
     def _check_images(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
