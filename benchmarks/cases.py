@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from blog_baseline import BlogMaskedConv2d, BlogPixelCNN
-from timing import interleaved
+from timing import Timings, interleaved, spread
 from torch import nn
 
 from maskedconv import GatedPixelCNN, MaskedConv2d, PixelCNN, sample
@@ -26,9 +26,13 @@ def ratio(name: str, num: str, den: str, target: str | None = None) -> dict[str,
 
 
 def finish(medians: dict[str, float], ratios: list[dict[str, Any]], **extra: Any) -> Result:
+    """Each ratio's median over paired rounds, with its spread (``timing.spread``)."""
     for r in ratios:
-        r["value"] = medians[r["num"]] / medians[r["den"]]
-    return {"medians": medians, "ratios": ratios, **extra}
+        if isinstance(medians, Timings):
+            r.update(spread(medians.ratios(r["num"], r["den"])))
+        else:
+            r.update(spread([medians[r["num"]] / medians[r["den"]]]))
+    return {"medians": dict(medians), "ratios": ratios, **extra}
 
 
 # --- one layer -------------------------------------------------------------------
@@ -154,14 +158,14 @@ def sample_case(color: bool, batch: int, naive_rows: int | None, rounds: int) ->
         ratio("cached / blog forward", "cached", "blog_forward"),
     ]
     if color:
-        medians["ours_forward_x_groups"] = medians["ours_forward"] * channels
+        medians.add_scaled("ours_forward_x_groups", medians, "ours_forward", channels)
     extra: dict[str, Any] = {
         "cache_bytes": ours.incremental(batch, 28).cache_bytes(),  # type: ignore[attr-defined]
     }
     if naive_rows:
         # The blog's loop costs the same for every row: time a few, scale by 28 / rows.
         naive = interleaved({"naive": lambda: blog.sample(batch, 28, rows=naive_rows)}, 1, 0)
-        medians["blog_naive_loop"] = naive["naive"] * 28 / naive_rows
+        medians.add_scaled("blog_naive_loop", naive, "naive", 28 / naive_rows)
         ratios.append(
             ratio(
                 "blog naive loop / cached (speed-up)",

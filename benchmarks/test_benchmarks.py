@@ -33,17 +33,17 @@ def test_masked_conv_7x7(benchmark, kind: str, channels: int, groups: int, backw
 
 @pytest.mark.parametrize("color", [False, True], ids=["binary-b128", "color-b32"])
 def test_training_step(benchmark, color: bool) -> None:
-    run(benchmark, train_case, color, rounds=3 if color else 5)
+    run(benchmark, train_case, color, rounds=5 if color else 15)
 
 
 @pytest.mark.parametrize(
     ("color", "batch", "naive_rows", "rounds"),
     [
-        (False, 1, 1, 5),
-        (False, 16, 1, 5),
-        (False, 64, None, 3),
-        (False, 256, None, 3),
-        (True, 16, None, 3),
+        (False, 1, 1, 15),
+        (False, 16, 1, 15),
+        (False, 64, None, 15),
+        (False, 256, None, 5),
+        (True, 16, None, 5),
     ],
     ids=["binary-b1", "binary-b16", "binary-b64", "binary-b256", "color-b16"],
 )
@@ -57,11 +57,11 @@ def test_sampling_8x8_b64(benchmark, kind: str) -> None:
 
 
 def test_gated_training_step(benchmark) -> None:
-    run(benchmark, gated_train_case, rounds=3)
+    run(benchmark, gated_train_case, rounds=5)
 
 
 def test_gated_sampling_b16(benchmark) -> None:
-    run(benchmark, gated_sample_case, 16, rounds=3)
+    run(benchmark, gated_sample_case, 16, rounds=15)
 
 
 def test_code_prior_sampling_7x7_k512_b100(benchmark) -> None:

@@ -1,0 +1,44 @@
+"""The benchmarks' paired ratios (benchmarks/timing.py) and the report's verdicts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import report  # noqa: E402
+from timing import Timings, spread  # noqa: E402
+
+
+def test_ratios_are_paired_round_by_round_within_one_run() -> None:
+    # A machine that slows down between rounds: each round's pair shares the slowdown.
+    t = Timings({"ours": [1.0, 2.0, 4.0], "dense": [2.0, 4.0, 8.0]}, run=0)
+    assert t.ratios("ours", "dense") == [0.5, 0.5, 0.5]
+    assert spread(t.ratios("ours", "dense")) == {
+        "value": 0.5,
+        "q1": 0.5,
+        "q3": 0.5,
+        "min": 0.5,
+        "max": 0.5,
+        "n": 3,
+    }
+    # Timed by another call: no pairing, every combination counts.
+    t.update(Timings({"loop": [10.0]}, run=1))
+    assert sorted(t.ratios("loop", "ours")) == [2.5, 5.0, 10.0]
+    t.add_scaled("ours_x3", t, "ours", 3)
+    assert t.ratios("ours_x3", "ours") == [3.0, 3.0, 3.0] and t["ours_x3"] == 6.0
+
+
+def test_the_verdict_is_the_median_and_a_straddling_spread_is_flagged() -> None:
+    r = {"target": "<= 0.65", **spread([0.60, 0.63, 0.64, 0.66, 0.70])}
+    assert r["value"] == 0.64 and r["q1"] == pytest.approx(0.63) and r["q3"] == pytest.approx(0.66)
+    assert report.check(r) == "<= 0.65  met (spread crosses)"
+    r = {"target": ">= 150", **spread([160.0, 170.0, 180.0])}
+    assert report.check(r) == ">= 150  met"
+    r = {"target": ">= 150", **spread([100.0, 110.0, 120.0])}
+    assert report.check(r) == ">= 150  MISSED"
+    assert report.check({"target": None, "value": 1.0}) == ""
