@@ -1,10 +1,37 @@
-"""Small random PixelCNNs shared by the causality and cached-sampling tests."""
+"""Small random models and their inputs, shared by the tests."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import nn
 
 from maskedconv import PixelCNN
+
+
+def perturb_(module: nn.Module, scale: float) -> nn.Module:
+    """Add N(0, scale^2) noise to every parameter, in place (from the global RNG): no
+    weight keeps its tidy initial value, and zero-initialised conditioning matters."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return module
+
+
+def random_inputs(
+    model: Any, height: int, width: int, cond_size: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Two seeded images for ``model``, with the labels and map it was built to take."""
+    gen = torch.Generator().manual_seed(1)
+    shape = (2, model.in_channels, height, width)
+    inputs = {"x": torch.randint(0, model.levels, shape, generator=gen)}
+    if model.num_classes:
+        inputs["labels"] = torch.tensor([0, 1])
+    if model.cond_channels:
+        size = cond_size or (height, width)
+        inputs["cond"] = torch.randn(2, model.cond_channels, *size, generator=gen)
+    return inputs
 
 
 def build(cfg: dict, dtype: torch.dtype = torch.float32, perturb: bool = False) -> PixelCNN:
@@ -26,7 +53,5 @@ def build(cfg: dict, dtype: torch.dtype = torch.float32, perturb: bool = False) 
         block=cfg["block"],
     )
     if perturb:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.3)
+        perturb_(model, 0.3)
     return model.to(dtype)

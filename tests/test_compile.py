@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from pixelcnn_models import perturb_, random_inputs
 
 from maskedconv import GatedPixelCNN, PixelCNN
 
@@ -23,17 +24,9 @@ MODELS: dict[str, Any] = {
 
 def _model_and_inputs(name: str) -> tuple[Any, tuple[torch.Tensor, ...], dict[str, Any]]:
     torch.manual_seed(0)
-    model = MODELS[name]().eval()
-    with torch.no_grad():  # conditioning starts at zero: make it matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    x = torch.randint(0, model.levels, (2, model.in_channels, 6, 5))
-    kwargs: dict[str, Any] = {}
-    if model.num_classes:
-        kwargs["labels"] = torch.tensor([0, 2])
-    if model.cond_channels:
-        kwargs["cond"] = torch.randn(2, model.cond_channels, 6, 5)
-    return model, (x,), kwargs
+    model = perturb_(MODELS[name]().eval(), 0.05)  # conditioning starts at zero
+    kwargs: dict[str, Any] = random_inputs(model, 6, 5)
+    return model, (kwargs.pop("x"),), kwargs
 
 
 @pytest.mark.parametrize("name", list(MODELS))

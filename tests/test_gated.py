@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from pixelcnn_models import perturb_
 from torch import nn
 
 import maskedconv._gated as gated_module
@@ -26,10 +27,7 @@ from maskedconv import (
 
 def perturbed(model: nn.Module, seed: int = 0, scale: float = 0.3) -> nn.Module:
     torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return model.double().eval()
+    return perturb_(model, scale).double().eval()
 
 
 gated_configs = st.fixed_dictionaries(

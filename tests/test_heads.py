@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from pixelcnn_models import perturb_
 
 from maskedconv import Categorical, DiscretizedLogisticMixture, PixelCNN
 
@@ -25,10 +26,7 @@ def small_model(c: int, k: int, head: str, stem: str, seed: int = 0) -> PixelCNN
     model = PixelCNN(
         c, k, hidden_channels=6 * c, num_layers=2, kernel_size=3, head=head, input=stem
     ).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.5)  # far from the tidy initial values
-    return model
+    return perturb_(model, 0.5)  # far from the tidy initial values
 
 
 @pytest.mark.parametrize("stem", STEMS)

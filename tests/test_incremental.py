@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from pixelcnn_models import perturb_
 from torch import nn
 
 from maskedconv import (
@@ -24,10 +25,7 @@ from maskedconv._stems import EmbeddingInput, ScaledInput
 
 def perturbed(module: nn.Module, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return module.double().eval()
+    return perturb_(module, 0.3).double().eval()
 
 
 def steps_equal_forward(layer: nn.Module, x: torch.Tensor, tol: float = 1e-10) -> None:

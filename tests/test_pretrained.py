@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from pixelcnn_models import perturb_, random_inputs
 from safetensors.torch import load_file, save_file
 
 import maskedconv
@@ -30,26 +31,13 @@ MODELS: dict[str, Any] = {
 }
 
 
-def _inputs(model: Any) -> dict[str, Any]:
-    torch.manual_seed(1)
-    x = torch.randint(0, model.levels, (2, model.in_channels, 5, 6))
-    kwargs: dict[str, Any] = {}
-    if model.num_classes:
-        kwargs["labels"] = torch.tensor([0, 1])
-    if model.cond_channels:
-        kwargs["cond"] = torch.randn(2, model.cond_channels, 3, 3)
-    return {"x": x, **kwargs}
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_round_trip_gives_the_same_model(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     torch.manual_seed(0)
     model = MODELS[name]()
-    with torch.no_grad():  # conditioning biases start at zero: make them matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    perturb_(model, 0.1)  # conditioning biases start at zero: make them matter
     assert model.save_pretrained(tmp_path / "m") == tmp_path / "m"
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
         "config.json",
@@ -63,7 +51,7 @@ def test_round_trip_gives_the_same_model(
     loaded = type(model).from_pretrained(tmp_path / "m")
     assert not loaded.training and loaded.config == model.config
     model.eval()
-    inputs = _inputs(model)
+    inputs = random_inputs(model, 5, 6, cond_size=(3, 3))
     with torch.no_grad():
         assert torch.equal(loaded(**inputs), model(**inputs))
         assert torch.equal(loaded.log_prob(**inputs), model.log_prob(**inputs))

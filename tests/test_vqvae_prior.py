@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from pixelcnn_models import perturb_
 
 from maskedconv import GatedPixelCNN, receptive_field
 
@@ -72,9 +73,7 @@ def test_the_code_prior_is_normalised(bottom: bool) -> None:
         num_layers=2,
         kernel_size=3,
     ).double()
-    with torch.no_grad():  # learned biases start at zero: make them matter
-        for p in prior.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+    perturb_(prior, 0.3)  # learned biases start at zero: make them matter
     maps = all_maps(k, 1, 2)
     for label in range(3):
         labels = torch.full((len(maps),), label)
@@ -102,9 +101,7 @@ def test_the_bottom_nll_conditions_each_map_on_its_own_top_map() -> None:
     prior = GatedPixelCNN(
         1, 6, input="embedding", num_classes=2, cond_channels=3, hidden_channels=8, num_layers=2
     )
-    with torch.no_grad():  # conditioning starts at zero: make it matter
-        for p in prior.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+    perturb_(prior, 0.3)  # conditioning starts at zero: make it matter
     codebook = torch.randn(6, 3)
     bottoms, tops = torch.randint(0, 6, (7, 4, 4)), torch.randint(0, 6, (7, 2, 2))
     labels = torch.randint(0, 2, (7,))
