@@ -45,12 +45,12 @@ from mnist_common import (
     StopFlag,
     _save_png,
     atomic_write_bytes,
-    image_grid,
     load_checkpoint,
     load_mnist,
     pick_device,
     prepare_out_dir,
     save_checkpoint,
+    save_grid,
 )
 
 from maskedconv import GatedPixelCNN
@@ -691,7 +691,7 @@ def write_outputs(
         "temperature": args.temperature,
     }
     print(f"sampled {len(labels)} code maps in {seconds:.2f} s (cached sampler)")
-    save_grid(
+    save_image_grid(
         out / "samples.png",
         images,
         10,
@@ -700,7 +700,7 @@ def write_outputs(
     originals = test[:20].to(device)
     reconstructions = vqvae.decode(vqvae(originals)[2])
     pairs = torch.stack([originals.view(2, 10, 1, 28, 28), reconstructions.view(2, 10, 1, 28, 28)])
-    save_grid(
+    save_image_grid(
         out / "reconstructions.png",
         pairs.transpose(0, 1).flatten(0, 2),
         4,
@@ -721,17 +721,9 @@ def write_outputs(
         prior.save_pretrained(out / name)  # config.json + model.safetensors, no pickle
 
 
-def save_grid(path: Path, images: Tensor, rows: int, title: str) -> None:
-    import matplotlib.pyplot as plt
-
-    levels = (images.clamp(0, 1) * 255).round().long()
-    grid = image_grid(levels, 256, rows)
-    fig, ax = plt.subplots(figsize=(8, 8 * grid.shape[0] / grid.shape[1] + 0.5))
-    ax.imshow(grid, interpolation="nearest")
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
-    fig.tight_layout()
-    _save_png(fig, path)
+def save_image_grid(path: Path, images: Tensor, rows: int, title: str) -> None:
+    """``save_grid`` of gray values in [0, 1], as 256 levels."""
+    save_grid(path, (images.clamp(0, 1) * 255).round().long(), 256, rows, title)
 
 
 def save_curves(path: Path, metrics: dict[str, Any]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import operator
 from collections.abc import Callable
 from typing import Any, TypeAlias, cast
 
@@ -13,7 +12,14 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from ._incremental import NoIncrementalPathError
-from ._masks import check_group_layout, group_split_error, make_mask, resolve_mask_type
+from ._masks import (
+    as_int,
+    check_group_layout,
+    group_split_error,
+    int_pair,
+    make_mask,
+    resolve_mask_type,
+)
 
 __all__ = ["MaskedConv2d", "masked_conv2d"]
 
@@ -83,28 +89,6 @@ def _crop_plan(
         padding.append(pad)
         offsets.append(pad + (first - centre) * dil)
     return (slices[0], slices[1]), (padding[0], padding[1]), (offsets[0], offsets[1])
-
-
-def _index(name: str, value: object) -> int:
-    """An int (numpy integers too, as ``nn.Conv2d`` takes them), else a ``TypeError``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, but got {value!r}")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(
-            f"{name} must be an int, but got {type(value).__name__} {value!r}"
-        ) from None
-
-
-def _int_pair(name: str, value: object) -> tuple[int, int]:
-    """An int or a pair of ints, as ``nn.Conv2d`` takes ``kernel_size`` and ``dilation``."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{name} must be an int or a pair of ints, but got {value!r}")
-        return _index(name, value[0]), _index(name, value[1])
-    one = _index(name, value)
-    return one, one
 
 
 def refuse_torchscript(self: nn.Module) -> Any:
@@ -196,10 +180,10 @@ class MaskedConv2d(nn.Conv2d):
         dtype: torch.dtype | None = None,
     ) -> None:
         resolve_mask_type(mask_type)
-        kernel = _int_pair("kernel_size", kernel_size)
-        dilation2 = _int_pair("dilation", dilation)
-        in_channels = _index("in_channels", in_channels)
-        out_channels = _index("out_channels", out_channels)
+        kernel = int_pair("kernel_size", kernel_size)
+        dilation2 = int_pair("dilation", dilation)
+        in_channels = as_int("in_channels", in_channels)
+        out_channels = as_int("out_channels", out_channels)
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if value < 1:
                 raise ValueError(f"{name} must be a positive int, but got {value!r}")

@@ -25,6 +25,7 @@ Everything here is a pure function returning a new tensor.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Protocol
 
@@ -242,6 +243,28 @@ def resolve_mask_type(mask_type: str | Callable[..., Tensor]) -> Callable[..., T
     )
 
 
+def as_int(name: str, value: object) -> int:
+    """An int (numpy integers too, as ``nn.Conv2d`` takes them), else a ``TypeError``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, but got {value!r}")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an int, but got {type(value).__name__} {value!r}"
+        ) from None
+
+
+def int_pair(name: str, value: object) -> tuple[int, int]:
+    """An int or a pair of ints, as ``nn.Conv2d`` takes ``kernel_size`` and ``dilation``."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, but got {value!r}")
+        return as_int(name, value[0]), as_int(name, value[1])
+    one = as_int(name, value)
+    return one, one
+
+
 def make_mask(
     mask_type: str | Callable[..., Tensor],
     *,
@@ -269,22 +292,19 @@ def make_mask(
         TypeError: if a callable returns something other than a tensor.
     """
     fn = resolve_mask_type(mask_type)
-    if isinstance(kernel_size, int) and not isinstance(kernel_size, bool):
-        kernel_size = (kernel_size, kernel_size)
-    if (
-        not isinstance(kernel_size, tuple | list)
-        or len(kernel_size) != 2
-        or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in kernel_size)
-    ):
+    try:
+        kernel = int_pair("kernel_size", kernel_size)
+    except (TypeError, ValueError):
+        kernel = (0, 0)  # refused just below, with one message for every bad kernel_size
+    if min(kernel) < 1:
         raise ValueError(
             f"kernel_size must be a positive int or a pair (kh, kw) of them, but got "
             f"{kernel_size!r}"
         )
-    kernel_size = (int(kernel_size[0]), int(kernel_size[1]))
     mask = fn(
         out_channels=out_channels,
         in_channels=in_channels,
-        kernel_size=kernel_size,
+        kernel_size=kernel,
         color_groups=color_groups,
         group_layout=group_layout,
     )
@@ -292,7 +312,7 @@ def make_mask(
         raise TypeError(
             f"mask_type callable must return a torch.Tensor, but got {type(mask).__name__}"
         )
-    expected = (out_channels, in_channels, *kernel_size)
+    expected = (out_channels, in_channels, *kernel)
     if tuple(mask.shape) != expected:
         raise ValueError(
             f"mask_type callable must return a mask of the weight's shape {expected}, "

@@ -267,9 +267,7 @@ class AutoregressiveModel(nn.Module):
             raise ValueError(f"{Path(directory) / 'config.json'}: {err}") from None
         tensors = read_weights(directory, model.state_dict(), device)
         dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
-        if len(dtypes) == 1:
-            model.to(dtype=dtypes.pop())
-        model.to(device)
+        model.to(device=device, dtype=dtypes.pop() if len(dtypes) == 1 else None)
         model.load_state_dict(tensors)
         model.eval()
         return model
