@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from maskedconv import PixelCNN
+from maskedconv import PixelCNN, sample
 
 
 def perturb_(module: nn.Module, scale: float) -> nn.Module:
@@ -55,3 +55,23 @@ def build(cfg: dict, dtype: torch.dtype = torch.float32, perturb: bool = False) 
     if perturb:
         perturb_(model, 0.3)
     return model.to(dtype)
+
+
+def cached_and_naive(
+    model: Any,
+    shape: tuple[int, ...],
+    complete: bool,
+    gen: torch.Generator,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Draws of both sampling paths with the same seed: whole images of ``shape``, or, with
+    ``complete``, completions of random images with about 40% of the sub-pixels known
+    (drawn from ``gen``). Returns both and the keyword arguments they were given."""
+    if complete:
+        kwargs["x"] = torch.randint(0, model.levels, shape, generator=gen)
+        kwargs["known"] = torch.rand(shape, generator=gen) < 0.4
+    else:
+        kwargs["shape"] = shape
+    fast = sample(model, generator=torch.Generator().manual_seed(3), method="cached", **kwargs)
+    slow = sample(model, generator=torch.Generator().manual_seed(3), method="naive", **kwargs)
+    return fast, slow, kwargs

@@ -89,15 +89,10 @@ def test_cached_and_naive_give_the_same_samples(
 ) -> None:
     model = build(cfg)
     shape = (4, cfg["in_channels"], cfg["height"], cfg["width"])
-    kwargs: dict = dict(temperature=temperature)
-    if complete:
-        gen = torch.Generator().manual_seed(5)
-        kwargs["x"] = torch.randint(0, cfg["levels"], shape, generator=gen)
-        kwargs["known"] = torch.rand(shape, generator=gen) < 0.4
-    else:
-        kwargs["shape"] = shape
-    fast = sample(model, generator=torch.Generator().manual_seed(3), method="cached", **kwargs)
-    slow = sample(model, generator=torch.Generator().manual_seed(3), method="naive", **kwargs)
+    gen = torch.Generator().manual_seed(5)
+    fast, slow, kwargs = pixelcnn_models.cached_and_naive(
+        model, shape, complete, gen, temperature=temperature
+    )
     assert torch.equal(fast, slow)
     if complete:
         assert torch.equal(fast[kwargs["known"]], kwargs["x"][kwargs["known"]])

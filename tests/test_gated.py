@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from pixelcnn_models import perturb_
+from pixelcnn_models import cached_and_naive, perturb_
 from torch import nn
 
 import maskedconv._gated as gated_module
@@ -21,7 +21,6 @@ from maskedconv import (
     allowed_dependencies,
     assert_causal,
     receptive_field,
-    sample,
 )
 
 
@@ -383,13 +382,7 @@ def test_cached_sampling_equals_the_plain_loop(cls, c, k, head, stem, extra, com
         kwargs["labels"] = torch.tensor([0, 2, 1])
     if extra.get("cond_channels"):
         kwargs["cond"] = torch.randn(3, 2, 2, 3, generator=gen, dtype=torch.float64)
-    if complete:
-        kwargs["x"] = torch.randint(0, k, shape, generator=gen)
-        kwargs["known"] = torch.rand(shape, generator=gen) < 0.4
-    else:
-        kwargs["shape"] = shape
-    fast = sample(model, generator=torch.Generator().manual_seed(3), method="cached", **kwargs)
-    slow = sample(model, generator=torch.Generator().manual_seed(3), method="naive", **kwargs)
+    fast, slow, _ = cached_and_naive(model, shape, complete, gen, **kwargs)
     assert torch.equal(fast, slow)
 
 
