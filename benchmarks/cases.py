@@ -7,6 +7,7 @@ variant's median to another's, each with the target it is held to (if any).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,14 @@ from blog_baseline import BlogMaskedConv2d, BlogPixelCNN
 from timing import Timings, interleaved, spread
 from torch import nn
 
-from maskedconv import GatedPixelCNN, MaskedConv2d, PixelCNN, sample
+from maskedconv import (
+    GatedPixelCNN,
+    MaskedConv2d,
+    PixelCNN,
+    chosen_formulations,
+    sample,
+    set_conv_autotune,
+)
 
 Result = dict[str, Any]
 
@@ -39,42 +47,51 @@ def finish(medians: dict[str, float], ratios: list[dict[str, Any]], **extra: Any
 
 
 def conv_case(kind: str, channels: int, groups: int, backward: bool, rounds: int = 15) -> Result:
-    """A 7x7 masked layer at batch 32, 28x28: ours, the blog's, a dense nn.Conv2d."""
+    """A 7x7 masked layer at batch 32, 28x28: ours (the default rule, and autotuned, in
+    both memory formats), the blog's, a dense nn.Conv2d."""
     torch.manual_seed(0)
+    known = chosen_formulations()
     x = torch.randn(32, channels, 28, 28)
-    layers: dict[str, nn.Module] = {
-        "dense": nn.Conv2d(channels, channels, 7, padding=3),
-        "blog": BlogMaskedConv2d(kind, channels, channels, 7, groups),
-        "ours": MaskedConv2d(channels, channels, 7, mask_type=kind, color_groups=groups),
-        "ours_channels_last": MaskedConv2d(
-            channels, channels, 7, mask_type=kind, color_groups=groups
-        ).to(memory_format=torch.channels_last),
-    }
     x_cl = x.contiguous(memory_format=torch.channels_last)
+    conv = MaskedConv2d(channels, channels, 7, mask_type=kind, color_groups=groups)
+    conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
+    layers: dict[str, tuple[nn.Module, torch.Tensor, bool]] = {
+        "dense": (nn.Conv2d(channels, channels, 7, padding=3), x, False),
+        "blog": (BlogMaskedConv2d(kind, channels, channels, 7, groups), x, False),
+        "ours": (conv, x, False),
+        "ours_autotuned": (conv, x, True),
+        "ours_channels_last": (conv_cl, x_cl, False),
+        "ours_channels_last_autotuned": (conv_cl, x_cl, True),
+    }
 
-    def run(name: str, layer: nn.Module) -> Callable[[], None]:
-        inp = x_cl if name.endswith("channels_last") else x
-
+    def run(layer: nn.Module, inp: torch.Tensor, tuned: bool) -> Callable[[], None]:
         def go() -> None:
-            if backward:
-                xx = inp.detach().requires_grad_(True)
-                layer(xx).sum().backward()
-            else:
-                with torch.no_grad():
-                    layer(inp)
+            previous = set_conv_autotune(tuned)
+            try:
+                if backward:
+                    xx = inp.detach().requires_grad_(True)
+                    layer(xx).sum().backward()
+                else:
+                    with torch.no_grad():
+                        layer(inp)
+            finally:
+                set_conv_autotune(previous)
 
         return go
 
-    medians = interleaved({n: run(n, m) for n, m in layers.items()}, rounds)
+    medians = interleaved({n: run(*v) for n, v in layers.items()}, rounds)
     target = "<= 0.65" if backward and kind == "B" and groups == 1 else None
     return finish(
         medians,
         [
             ratio("ours / dense", "ours", "dense", target),
+            ratio("ours autotuned / dense", "ours_autotuned", "dense"),
             ratio("ours / blog", "ours", "blog"),
             ratio("ours channels_last / dense", "ours_channels_last", "dense"),
+            ratio("ours channels_last autotuned / dense", "ours_channels_last_autotuned", "dense"),
             ratio("blog / dense", "blog", "dense"),
         ],
+        chosen={k: v for k, v in chosen_formulations().items() if k not in known},
     )
 
 

@@ -76,6 +76,10 @@ def table(data: dict) -> str:
             )
         if "cache_bytes" in extra:
             notes.append(f"sampler caches {extra['cache_bytes'] / 2**20:.2f} MiB")
+        if extra.get("chosen"):
+            notes.append(
+                "autotune chose " + "; ".join(f"{v} for {k}" for k, v in extra["chosen"].items())
+            )
         if "naive_note" in extra:
             notes.append(extra["naive_note"])
         lines.append(

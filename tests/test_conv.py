@@ -9,7 +9,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from maskedconv import MaskedConv2d, PixelCNN, masked_conv2d
+from maskedconv import (
+    MaskedConv2d,
+    PixelCNN,
+    _formulations,
+    chosen_formulations,
+    masked_conv2d,
+    set_conv_autotune,
+)
+from maskedconv._formulations import FORMULATIONS
+from maskedconv._formulations import plan as formulation_plan
+from maskedconv._formulations import run as run_formulation
 
 
 def test_keeps_height_and_width() -> None:
@@ -238,8 +248,34 @@ def _nothing(*, out_channels, in_channels, kernel_size, color_groups, group_layo
     return torch.zeros(out_channels, in_channels, *kernel_size)
 
 
+def _rows_above(*, out_channels, in_channels, kernel_size, color_groups, group_layout):
+    # Nothing at the centre row: "split" is then the same as "pad".
+    m = torch.zeros(out_channels, in_channels, *kernel_size)
+    m[:, :, : kernel_size[0] // 2] = 1
+    return m
+
+
+def _future(*, out_channels, in_channels, kernel_size, color_groups, group_layout):
+    # The mirror image of type A: only below and right of the centre (negative pads).
+    m = torch.zeros(out_channels, in_channels, *kernel_size)
+    ch, cw = kernel_size[0] // 2, kernel_size[1] // 2
+    m[:, :, ch + 1 :] = 1
+    m[:, :, ch, cw + 1 :] = 1
+    return m
+
+
+def _by(conv: MaskedConv2d, x: torch.Tensor, formulation: str) -> torch.Tensor:
+    """``conv`` evaluated by one formulation (the layer itself when the mask keeps nothing)."""
+    pieces = formulation_plan(conv.mask, conv.dilation, formulation)
+    if pieces is None:  # the same as "pad" for this mask
+        pieces = formulation_plan(conv.mask, conv.dilation, "pad")
+    if not pieces:
+        return conv(x)
+    return run_formulation(pieces, x, conv.weight, conv.mask, conv.bias, conv.dilation, conv.groups)
+
+
 @given(
-    kind=st.sampled_from(["A", "B", _centre_column, _nothing]),
+    kind=st.sampled_from(["A", "B", _centre_column, _nothing, _rows_above, _future]),
     groups=st.integers(1, 3),
     mult=st.integers(1, 2),
     k=st.sampled_from([1, 3, 5, 7, (1, 5), (5, 1), (3, 7)]),
@@ -247,9 +283,10 @@ def _nothing(*, out_channels, in_channels, kernel_size, color_groups, group_layo
     layout=st.sampled_from(["blocked", "interleaved"]),
     h=st.integers(1, 9),
     w=st.integers(1, 9),
+    formulation=st.sampled_from(FORMULATIONS),
 )
-def test_cropped_kernel_equals_full_masked_conv_float64(
-    kind, groups, mult, k, dilation, layout, h, w
+def test_every_formulation_equals_full_masked_conv_float64(
+    kind, groups, mult, k, dilation, layout, h, w, formulation
 ) -> None:
     c = groups * mult
     conv = MaskedConv2d(
@@ -266,28 +303,99 @@ def test_cropped_kernel_equals_full_masked_conv_float64(
         conv.weight.normal_()  # masked taps too: neither path may use them
     x = torch.randn(2, c, h, w, dtype=torch.float64, requires_grad=True)
     grad_out = torch.randn(2, c, h, w, dtype=torch.float64)
-    ours = conv(x)
     ref = _full_reference(conv, x)
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
-    g_ours = torch.autograd.grad(ours, (x, conv.weight, conv.bias), grad_out)
     g_ref = torch.autograd.grad(ref, (x, conv.weight, conv.bias), grad_out)
-    for a, b in zip(g_ours, g_ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for ours in (conv(x), _by(conv, x, formulation)):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+        g_ours = torch.autograd.grad(ours, (x, conv.weight, conv.bias), grad_out)
+        for a, b in zip(g_ours, g_ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("formulation", FORMULATIONS)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_cropped_kernel_equals_full_masked_conv_float32(channels_last: bool) -> None:
+def test_every_formulation_equals_full_masked_conv_float32(
+    channels_last: bool, formulation: str
+) -> None:
     conv = MaskedConv2d(64, 64, 7, mask_type="B")
     x = torch.randn(4, 64, 28, 28, requires_grad=True)
     if channels_last:
         conv = conv.to(memory_format=torch.channels_last)
         x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    ours, ref = conv(x), _full_reference(conv, x)
+    ours, ref = _by(conv, x, formulation), _full_reference(conv, x)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     g_ours = torch.autograd.grad(ours.square().sum(), (x, conv.weight))
     g_ref = torch.autograd.grad(ref.square().sum(), (x, conv.weight))
     for a, b in zip(g_ours, g_ref, strict=True):  # float tolerance, relative to the scale
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+def test_split_convolves_fewer_taps_than_the_crop() -> None:
+    # 7x7 type B keeps 3 rows of 7 and 4 taps of the centre row: 25 taps in two pieces,
+    # where "crop" and "pad" convolve the 4x7 block (28).
+    mask = MaskedConv2d(1, 1, 7, mask_type="B").mask
+
+    def taps(name: str) -> int:
+        pieces = formulation_plan(mask, (1, 1), name)
+        return sum(len(range(7)[p.rows]) * len(range(7)[p.cols]) for p in pieces)
+
+    assert (taps("crop"), taps("pad"), taps("split")) == (28, 28, 25)
+
+
+@pytest.fixture
+def autotune():
+    previous = set_conv_autotune(True)
+    _formulations._chosen.clear()
+    yield
+    set_conv_autotune(previous)
+    _formulations._chosen.clear()
+
+
+def test_autotune_times_once_per_kind_of_call_and_touches_no_gradient(
+    autotune, monkeypatch
+) -> None:
+    timed = []
+    real = _formulations._time
+    monkeypatch.setattr(
+        _formulations, "_time", lambda *a, **k: timed.append(a[-1]) or real(*a, **k)
+    )
+    conv = MaskedConv2d(4, 4, 5, mask_type="A")
+    other = MaskedConv2d(4, 4, 5, mask_type="A")  # same shape and mask: shares the choice
+    x = torch.randn(2, 4, 8, 8)
+    before = conv.weight.detach().clone()
+    y = conv(x)
+    assert conv.weight.grad is None  # timing the backward used copies
+    torch.testing.assert_close(conv.weight, before, rtol=0, atol=0)
+    torch.testing.assert_close(y, _full_reference(conv, x), rtol=1e-5, atol=1e-5)
+    other(x)
+    conv(x)
+    with torch.no_grad():
+        conv(x)
+    conv(x.contiguous(memory_format=torch.channels_last))
+    conv(torch.randn(3, 4, 8, 8))
+    MaskedConv2d(4, 4, 5, mask_type="B")(x)  # another mask
+    # grads / no grad / channels_last / another batch / another mask: five timings
+    assert timed == [True, False, True, True, True]
+    chosen = chosen_formulations()
+    assert len(chosen) == 5 and set(chosen.values()) <= set(FORMULATIONS)
+    assert any("channels_last" in k and "forward+backward" in k for k in chosen)
+    assert any(k.endswith(", forward") for k in chosen)
+
+
+def test_autotune_off_uses_the_rule_and_caches_nothing() -> None:
+    assert set_conv_autotune(False) is False  # the default
+    MaskedConv2d(4, 4, 5)(torch.randn(2, 4, 8, 8))
+    assert chosen_formulations() == {}
+    with pytest.raises(TypeError, match="enabled must be a bool, but got int 1"):
+        set_conv_autotune(1)
+
+
+def test_autotune_is_not_run_while_compiling(autotune) -> None:
+    conv = MaskedConv2d(4, 4, 5)
+    x = torch.randn(2, 4, 8, 8)
+    compiled = torch.compile(conv, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), _full_reference(conv, x), rtol=1e-5, atol=1e-5)
+    assert chosen_formulations() == {}
 
 
 @pytest.mark.parametrize(

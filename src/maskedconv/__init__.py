@@ -8,6 +8,7 @@ from __future__ import annotations
 from ._blocks import BottleneckBlock, GroupLayerNorm, ResidualBlock
 from ._causality import allowed_dependencies, assert_causal, receptive_field
 from ._conv import MaskedConv2d, masked_conv2d
+from ._formulations import chosen_formulations, set_conv_autotune
 from ._gated import GatedPixelCNN, GatedPixelCNNConfig
 from ._heads import Categorical, DiscretizedLogisticMixture
 from ._incremental import IncrementalStep
@@ -32,6 +33,7 @@ __all__ = [
     "ResidualBlock",
     "allowed_dependencies",
     "assert_causal",
+    "chosen_formulations",
     "make_mask",
     "mask_a",
     "mask_b",
@@ -39,4 +41,5 @@ __all__ = [
     "nll_per_dim",
     "receptive_field",
     "sample",
+    "set_conv_autotune",
 ]

@@ -11,6 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from ._formulations import DEFAULT as DEFAULT_FORMULATION
+from ._formulations import FORMULATIONS
+from ._formulations import choose as choose_formulation
+from ._formulations import plan as formulation_plan
+from ._formulations import run as run_formulation
 from ._incremental import NoIncrementalPathError
 from ._masks import (
     as_int,
@@ -56,41 +61,6 @@ def masked_conv2d(
     return F.conv2d(input, weight * mask, bias, 1, padding, dilation, groups)
 
 
-def _kept_span(mask: Tensor, dim: int) -> tuple[int, int] | None:
-    """First and last index along ``dim`` (2: rows, 3: cols) where ``mask`` has a 1."""
-    other = tuple(d for d in range(4) if d != dim)
-    kept = torch.nonzero(mask.amax(dim=other)).flatten()
-    if kept.numel() == 0:
-        return None
-    return int(kept[0]), int(kept[-1])
-
-
-def _crop_plan(
-    mask: Tensor, dilation: tuple[int, int]
-) -> tuple[tuple[slice, slice], tuple[int, int], tuple[int, int]] | None:
-    """How to convolve with only the kernel rows and columns the mask keeps.
-
-    Returns the kernel slices, the symmetric padding for the cropped kernel, and the
-    offsets at which the output of size (H, W) starts; ``None`` if nothing is kept.
-    A causal mask keeps only the rows at and above the centre: about half the work.
-    """
-    row_span, col_span = _kept_span(mask, 2), _kept_span(mask, 3)
-    if row_span is None or col_span is None:
-        return None
-    slices, padding, offsets = [], [], []
-    for (first, last), size, dil in zip(
-        (row_span, col_span), mask.shape[2:], dilation, strict=True
-    ):
-        centre = size // 2
-        # Output index i needs inputs i + (k - centre) * dil for kept taps k in
-        # [first, last]; pad symmetrically enough for both ends, then skip the excess.
-        pad = max(centre - first, last - centre, 0) * dil
-        slices.append(slice(first, last + 1))
-        padding.append(pad)
-        offsets.append(pad + (first - centre) * dil)
-    return (slices[0], slices[1]), (padding[0], padding[1]), (offsets[0], offsets[1])
-
-
 def refuse_torchscript(self: nn.Module) -> Any:
     """``torch.jit.script`` calls this first on every module: refuse with a clear message."""
     raise TypeError(
@@ -122,7 +92,8 @@ class MaskedConv2d(nn.Conv2d):
     construction and multiplied into the weight inside ``forward``. Only the kernel
     rows and columns the mask keeps are convolved (for a causal mask, the rows at and
     above the centre: about half the multiply-adds of the full kernel), with the same
-    result as the full masked convolution; masked weights are zeroed at construction,
+    result as the full masked convolution (how, and how to let the layer time the ways
+    of doing it: ``maskedconv.set_conv_autotune``); masked weights are zeroed at construction,
     get exactly zero gradient, and a ``state_dict`` stays that of a plain
     ``nn.Conv2d``. Output height and width equal the input's.
 
@@ -259,9 +230,14 @@ class MaskedConv2d(nn.Conv2d):
         )
         with torch.no_grad():
             self.weight.mul_(self.mask)
-        self._crop = _crop_plan(mask, dilation2)
+        self._plans = {
+            name: pieces
+            for name in FORMULATIONS
+            if (pieces := formulation_plan(mask, dilation2, name)) is not None
+        }
         digest = hashlib.sha256(f"{tuple(mask.shape)}".encode() + mask.numpy().tobytes())
         self._mask_digest = digest.hexdigest()
+        self._mask_id = (self._mask_description(), self._mask_digest)
         self.register_load_state_dict_pre_hook(_accept_without_extra_state)  # type: ignore[no-untyped-call]
 
     __prepare_scriptable__ = refuse_torchscript
@@ -325,23 +301,13 @@ class MaskedConv2d(nn.Conv2d):
             ``(B, out_channels, H, W)``.
         """
         dilation = cast("tuple[int, int]", self.dilation)
-        if self._crop is None:  # the mask keeps nothing: the output is the bias
+        if not self._plans[DEFAULT_FORMULATION]:  # the mask keeps nothing: the output is the bias
             padding = cast("tuple[int, int]", self.padding)  # always explicit, set in __init__
             return masked_conv2d(
                 input, self.weight, self.mask, self.bias, padding, dilation, self.groups
             )
-        (rows, cols), crop_padding, (top, left) = self._crop
-        out = masked_conv2d(
-            input,
-            self.weight[:, :, rows, cols],
-            self.mask[:, :, rows, cols],
-            self.bias,
-            crop_padding,
-            dilation,
-            self.groups,
-        )
-        height, width = input.shape[-2:]
-        return out[..., top : top + height, left : left + width]
+        args = (input, self.weight, self.mask, self.bias, dilation, self.groups)
+        return run_formulation(choose_formulation(self._plans, self._mask_id, *args), *args)
 
     def incremental(self, batch: int, width: int) -> _LinearStep | _SpatialStep:
         """This conv evaluated one position at a time (see ``maskedconv._incremental``).
