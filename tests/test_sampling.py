@@ -298,13 +298,32 @@ def test_a_generator_on_another_gpu_is_another_device() -> None:
     assert not _same_device(torch.device("cuda:0"), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("method", ["cached", "naive"])
-def test_a_model_with_a_nan_weight_is_refused_not_sampled_as_zeros(method: str) -> None:
+def test_a_model_with_a_nan_weight_is_refused_not_sampled_as_zeros(method: str, bad: float) -> None:
     model = PixelCNN(1, 2, hidden_channels=8, num_layers=2)
     with torch.no_grad():
-        model.output_conv.bias[1] = float("nan")
-    with pytest.raises(ValueError, match="the model's output is NaN in row 0"):
+        model.output_conv.bias[1] = bad
+    with pytest.raises(ValueError, match=r"the model's output is NaN or \+inf in row 0"):
         model.sample(2, (4, 4), method=method)
+
+
+def test_a_nan_in_a_later_row_is_found_in_that_row() -> None:
+    # Skipped positions (all known) must not be read as NaN, and a NaN that reaches the
+    # output only from row 2 on is reported there.
+    class NanFromRow2(torch.nn.Module):
+        head = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = torch.zeros(x.shape[0], 1, 2, *x.shape[2:])
+            logits[:, :, :, 2:] = float("nan")
+            return logits
+
+    x = torch.zeros(2, 1, 4, 4, dtype=torch.long)
+    known = torch.zeros_like(x, dtype=torch.bool)
+    known[:, :, 0, :2] = True
+    with pytest.raises(ValueError, match="in row 2"):
+        sample(NanFromRow2(), x=x, known=known, generator=torch.Generator().manual_seed(0))
 
 
 def test_minus_infinity_logits_are_allowed() -> None:

@@ -49,8 +49,10 @@ def draw_from_log_probs(logits: Tensor, temperature: float, generator: torch.Gen
         logits = torch.where(shifted == 0, shifted, shifted / temperature)
     cdf = torch.softmax(logits, dim=-1).cumsum_(-1)  # (B, n, K)
     u = torch.rand((*cdf.shape[:-1], 1), generator=generator, device=cdf.device, dtype=dtype)
-    # Rounding can leave the last cumulative value just below u: clamp to K - 1.
-    return (cdf <= u).sum(-1).clamp_(max=logits.shape[-1] - 1)
+    # The number of cumulative values <= u; rounding can leave the last one just below
+    # u: clamp to K - 1.
+    draw = torch.searchsorted(cdf, u, right=True).squeeze_(-1)
+    return draw.clamp_(max=logits.shape[-1] - 1)
 
 
 class OutputHead(ABC):

@@ -369,72 +369,80 @@ def sample(
 
     was_training = model.training
     model.eval()
+    # Inference mode skips autograd's bookkeeping on every small op of the loop (about
+    # 10% of the cached sampler's time at batch 16); ``images`` was made outside it, so
+    # it comes back a normal tensor.
     try:
-        evaluator = None
-        if method != "naive":
-            try:
-                evaluator = IncrementalEvaluator(
-                    model,
-                    batch,
-                    (height, width),
-                    color_groups=groups,
-                    group_layout=layout,
-                    labels=labels,
-                    cond=cond,
-                )
-            except _NoPathError as reason:
-                if method == "cached":
-                    raise ValueError(
-                        f"method='cached' needs a model with an incremental path, but "
-                        f"{reason}; use method='naive'"
-                    ) from None
-        # The sum of every output, in float64: NaN once any output is NaN (or +inf meets
-        # -inf). Checked once a row, so that the loop does not wait on the device.
-        total = torch.zeros((), dtype=torch.float64, device=images.device)
-        bar = (
-            _progress(height, f"sampling {batch}x{channels}x{height}x{width}") if progress else None
-        )
-        for row in range(height):
-            if bar is not None:
-                bar(row)
-            visible = images[:, :, : row + 1] if crop else images
-            for col in range(width):
-                pixel = images[:, :, row, col]  # a view: draws land in it
-                wanted_pixel = ~known[:, :, row, col] if completing else None
-                computed_last = False
-                for group, chans in enumerate(members):
-                    wanted = None if wanted_pixel is None else wanted_pixel[:, chans]  # (B, n)
-                    if wanted is not None and not bool(wanted.any()):
-                        continue
-                    if evaluator is not None:
-                        params = evaluator._stepper.step(pixel, col)
-                    else:
-                        params = model(visible, **conditioning)[..., row, col]
-                    total.add_(params.sum(dtype=torch.float64))
-                    if head is None:  # a bare model: (B, C, K) logits
-                        head = Categorical(params.shape[-1])
-                        _check_known_values(images, known, head.levels)
-                    draw = head.sample(
-                        params,
-                        pixel,
-                        wanted_pixel,
-                        channels=chans,
-                        generator=generator,
-                        temperature=temperature,
+        with torch.inference_mode():
+            evaluator = None
+            if method != "naive":
+                try:
+                    evaluator = IncrementalEvaluator(
+                        model,
+                        batch,
+                        (height, width),
+                        color_groups=groups,
+                        group_layout=layout,
+                        labels=labels,
+                        cond=cond,
                     )
-                    if wanted is not None:
-                        draw = torch.where(wanted, draw, pixel[:, chans])
-                    pixel[:, chans] = draw
-                    computed_last = group == len(members) - 1
-                if evaluator is not None:
-                    evaluator._finish(pixel, computed_last)
-            if bool(total.isnan()):
-                raise ValueError(
-                    f"the model's output is NaN in row {row}: its weights or the conditioning "
-                    f"hold NaN (or +inf meets -inf); no images were drawn"
-                )
-        if bar is not None:
-            bar(height)
+                except _NoPathError as reason:
+                    if method == "cached":
+                        raise ValueError(
+                            f"method='cached' needs a model with an incremental path, but "
+                            f"{reason}; use method='naive'"
+                        ) from None
+            # Every output of the row, checked for NaN and +inf once the row is done, so that
+            # the loop does not wait on the device at every step.
+            outputs: Tensor | None = None
+            bar = (
+                _progress(height, f"sampling {batch}x{channels}x{height}x{width}")
+                if progress
+                else None
+            )
+            for row in range(height):
+                if bar is not None:
+                    bar(row)
+                visible = images[:, :, : row + 1] if crop else images
+                for col in range(width):
+                    pixel = images[:, :, row, col]  # a view: draws land in it
+                    wanted_pixel = ~known[:, :, row, col] if completing else None
+                    computed_last = False
+                    for group, chans in enumerate(members):
+                        wanted = None if wanted_pixel is None else wanted_pixel[:, chans]  # (B, n)
+                        if wanted is not None and not bool(wanted.any()):
+                            continue
+                        if evaluator is not None:
+                            params = evaluator._stepper.step(pixel, col)
+                        else:
+                            params = model(visible, **conditioning)[..., row, col]
+                        if outputs is None:
+                            outputs = params.new_zeros(width, len(members), *params.shape)
+                        outputs[col, group].copy_(params)
+                        if head is None:  # a bare model: (B, C, K) logits
+                            head = Categorical(params.shape[-1])
+                            _check_known_values(images, known, head.levels)
+                        draw = head.sample(
+                            params,
+                            pixel,
+                            wanted_pixel,
+                            channels=chans,
+                            generator=generator,
+                            temperature=temperature,
+                        )
+                        if wanted is not None:
+                            draw = torch.where(wanted, draw, pixel[:, chans])
+                        pixel[:, chans] = draw
+                        computed_last = group == len(members) - 1
+                    if evaluator is not None:
+                        evaluator._finish(pixel, computed_last)
+                if outputs is not None and bool((outputs.isnan() | outputs.isposinf()).any()):
+                    raise ValueError(
+                        f"the model's output is NaN or +inf in row {row}: its weights or the "
+                        f"conditioning hold NaN or overflow; no images were drawn"
+                    )
+            if bar is not None:
+                bar(height)
     finally:
         model.train(was_training)
     return images
