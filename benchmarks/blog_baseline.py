@@ -81,7 +81,7 @@ class BlogPixelCNN(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, size: int, rows: int | None = None) -> Tensor:
         """The blog's loop: one full forward per sub-pixel. ``rows`` stops early."""
-        images = torch.zeros(n, self.channels, size, size)
+        images = torch.zeros(n, self.channels, size, size, device=self.net[0].weight.device)
         for row in range(size if rows is None else rows):
             for col in range(size):
                 for ch in range(self.channels):

@@ -8,12 +8,14 @@ variant's median to another's, each with the target it is held to (if any).
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from blog_baseline import BlogMaskedConv2d, BlogPixelCNN
-from timing import Timings, interleaved, spread
+from timing import Timings, spread
+from timing import interleaved as _interleaved
 from torch import nn
 
 from maskedconv import (
@@ -26,6 +28,19 @@ from maskedconv import (
 )
 
 Result = dict[str, Any]
+
+# report.py --device sets this; the default is the CPU.
+DEVICE = torch.device(os.environ.get("MASKEDCONV_BENCH_DEVICE", "cpu"))
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def interleaved(variants: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> Timings:
+    """``timing.interleaved`` on ``DEVICE``: each call is timed until the device is done."""
+    return _interleaved(variants, rounds, warmup, sync=_sync)
 
 
 def ratio(name: str, num: str, den: str, target: str | None = None) -> dict[str, Any]:
@@ -51,13 +66,13 @@ def conv_case(kind: str, channels: int, groups: int, backward: bool, rounds: int
     both memory formats), the blog's, a dense nn.Conv2d."""
     torch.manual_seed(0)
     known = chosen_formulations()
-    x = torch.randn(32, channels, 28, 28)
+    x = torch.randn(32, channels, 28, 28, device=DEVICE)
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    conv = MaskedConv2d(channels, channels, 7, mask_type=kind, color_groups=groups)
+    conv = MaskedConv2d(channels, channels, 7, mask_type=kind, color_groups=groups).to(DEVICE)
     conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
     layers: dict[str, tuple[nn.Module, torch.Tensor, bool]] = {
-        "dense": (nn.Conv2d(channels, channels, 7, padding=3), x, False),
-        "blog": (BlogMaskedConv2d(kind, channels, channels, 7, groups), x, False),
+        "dense": (nn.Conv2d(channels, channels, 7, padding=3).to(DEVICE), x, False),
+        "blog": (BlogMaskedConv2d(kind, channels, channels, 7, groups).to(DEVICE), x, False),
         "ours": (conv, x, False),
         "ours_autotuned": (conv, x, True),
         "ours_channels_last": (conv_cl, x_cl, False),
@@ -102,13 +117,11 @@ def train_case(color: bool, rounds: int) -> Result:
     """One Adam step with gradient clipping: images/s of ours against the blog's model."""
     torch.manual_seed(0)
     channels, levels, filters, layers, batch = (3, 4, 120, 8, 32) if color else (1, 2, 64, 5, 128)
-    y = torch.randint(0, levels, (batch, channels, 28, 28))
+    y = torch.randint(0, levels, (batch, channels, 28, 28), device=DEVICE)
     x_blog = y.float() / (levels - 1) * 2 - 1
-    blog = BlogPixelCNN(channels, levels, filters, layers)
-    ours = PixelCNN(channels, levels, hidden_channels=filters, num_layers=layers)
-    ours_cl = PixelCNN(channels, levels, hidden_channels=filters, num_layers=layers).to(
-        memory_format=torch.channels_last
-    )
+    blog = BlogPixelCNN(channels, levels, filters, layers).to(DEVICE)
+    ours = PixelCNN(channels, levels, hidden_channels=filters, num_layers=layers).to(DEVICE)
+    ours_cl = copy.deepcopy(ours).to(memory_format=torch.channels_last)
     ours_tuned = copy.deepcopy(ours)
 
     def step(
@@ -159,9 +172,9 @@ def sample_case(color: bool, batch: int, naive_rows: int | None, rounds: int) ->
     """The cached sampler against one batched forward, and against the blog's loop."""
     torch.manual_seed(0)
     channels, levels, filters, layers = (3, 4, 120, 8) if color else (1, 2, 64, 5)
-    ours = PixelCNN(channels, levels, hidden_channels=filters, num_layers=layers).eval()
-    blog = BlogPixelCNN(channels, levels, filters, layers).eval()
-    zeros = torch.zeros(batch, channels, 28, 28, dtype=torch.long)
+    ours = PixelCNN(channels, levels, hidden_channels=filters, num_layers=layers).to(DEVICE).eval()
+    blog = BlogPixelCNN(channels, levels, filters, layers).to(DEVICE).eval()
+    zeros = torch.zeros(batch, channels, 28, 28, dtype=torch.long, device=DEVICE)
 
     def forward() -> None:
         with torch.no_grad():
@@ -172,7 +185,7 @@ def sample_case(color: bool, batch: int, naive_rows: int | None, rounds: int) ->
             blog(zeros.float())
 
     def cached() -> None:
-        sample(ours, (batch, channels, 28, 28), generator=torch.Generator().manual_seed(0))
+        sample(ours, (batch, channels, 28, 28), generator=torch.Generator(DEVICE).manual_seed(0))
 
     variants = {"ours_forward": forward, "blog_forward": blog_forward, "cached": cached}
     if not color:
@@ -228,7 +241,7 @@ def layer_steps(model: nn.Module, batch: int, size: int = 28) -> Callable[[], No
     def go() -> None:
         with torch.inference_mode():
             steps = [conv.incremental(batch, size) for conv in convs]
-            inputs = [torch.zeros(batch, conv.in_channels) for conv in convs]
+            inputs = [torch.zeros(batch, conv.in_channels, device=DEVICE) for conv in convs]
             for row in range(size):
                 for step in steps:
                     step.start_row(row)
@@ -248,8 +261,8 @@ def head_sample_case(kind: str, rounds: int) -> Result:
     torch.manual_seed(0)
     batch, size = 64, 8
     model = PixelCNN(1, 256, head="dmol") if kind == "dmol" else PixelCNN(1, 512, input="embedding")
-    model.eval()
-    zeros = torch.zeros(batch, 1, size, size, dtype=torch.long)
+    model.to(DEVICE).eval()
+    zeros = torch.zeros(batch, 1, size, size, dtype=torch.long, device=DEVICE)
 
     def forward() -> None:
         with torch.no_grad():
@@ -257,7 +270,7 @@ def head_sample_case(kind: str, rounds: int) -> Result:
 
     def draw(method: str) -> Callable[[], None]:
         def go() -> None:
-            gen = torch.Generator().manual_seed(0)
+            gen = torch.Generator(DEVICE).manual_seed(0)
             sample(model, (batch, 1, size, size), generator=gen, method=method)
 
         return go
@@ -283,10 +296,10 @@ def gated_train_case(rounds: int) -> Result:
     """One Adam step, binary MNIST size, batch 128: gated against plain at equal width/depth."""
     torch.manual_seed(0)
     batch = 128
-    y = torch.randint(0, 2, (batch, 1, 28, 28))
+    y = torch.randint(0, 2, (batch, 1, 28, 28), device=DEVICE)
     models = {
-        "plain": PixelCNN(1, 2, hidden_channels=64, num_layers=5),
-        "gated": GatedPixelCNN(1, 2, hidden_channels=64, num_layers=5),
+        "plain": PixelCNN(1, 2, hidden_channels=64, num_layers=5).to(DEVICE),
+        "gated": GatedPixelCNN(1, 2, hidden_channels=64, num_layers=5).to(DEVICE),
     }
 
     def step(model: nn.Module) -> Callable[[], None]:
@@ -312,14 +325,14 @@ def gated_sample_case(batch: int, rounds: int) -> Result:
     """Binary 28x28: the gated model's cached sampler against the plain model's, against
     one gated forward, and against the plain loop (``method="naive"``, timed once)."""
     torch.manual_seed(0)
-    plain = PixelCNN(1, 2, hidden_channels=64, num_layers=5).eval()
-    gated = GatedPixelCNN(1, 2, hidden_channels=64, num_layers=5).eval()
+    plain = PixelCNN(1, 2, hidden_channels=64, num_layers=5).to(DEVICE).eval()
+    gated = GatedPixelCNN(1, 2, hidden_channels=64, num_layers=5).to(DEVICE).eval()
     shape = (batch, 1, 28, 28)
-    zeros = torch.zeros(shape, dtype=torch.long)
+    zeros = torch.zeros(shape, dtype=torch.long, device=DEVICE)
 
     def draw(model: nn.Module, method: str = "cached") -> Callable[[], None]:
         def go() -> None:
-            sample(model, shape, generator=torch.Generator().manual_seed(0), method=method)
+            sample(model, shape, generator=torch.Generator(DEVICE).manual_seed(0), method=method)
 
         return go
 
@@ -352,15 +365,25 @@ def code_prior_sample_case(rounds: int) -> Result:
     per position, ``torch.multinomial``, under ``no_grad``), and against the library's
     own loop (``method="naive"``, which feeds only the rows so far)."""
     torch.manual_seed(0)
-    prior = GatedPixelCNN(
-        1, 512, input="embedding", num_classes=10, hidden_channels=64, num_layers=6, kernel_size=3
-    ).eval()
-    shape, labels = (100, 1, 7, 7), torch.arange(10).repeat_interleave(10)
-    zeros = torch.zeros(shape, dtype=torch.long)
+    prior = (
+        GatedPixelCNN(
+            1,
+            512,
+            input="embedding",
+            num_classes=10,
+            hidden_channels=64,
+            num_layers=6,
+            kernel_size=3,
+        )
+        .to(DEVICE)
+        .eval()
+    )
+    shape, labels = (100, 1, 7, 7), torch.arange(10, device=DEVICE).repeat_interleave(10)
+    zeros = torch.zeros(shape, dtype=torch.long, device=DEVICE)
 
     def draw(method: str) -> Callable[[], None]:
         def go() -> None:
-            gen = torch.Generator().manual_seed(0)
+            gen = torch.Generator(DEVICE).manual_seed(0)
             sample(prior, shape, labels=labels, generator=gen, method=method)
 
         return go
@@ -370,8 +393,8 @@ def code_prior_sample_case(rounds: int) -> Result:
             prior(zeros, labels=labels)
 
     def plain_loop() -> None:
-        gen = torch.Generator().manual_seed(0)
-        codes = torch.zeros(shape, dtype=torch.long)
+        gen = torch.Generator(DEVICE).manual_seed(0)
+        codes = torch.zeros(shape, dtype=torch.long, device=DEVICE)
         with torch.no_grad():
             for i in range(7):
                 for j in range(7):

@@ -2,6 +2,7 @@
 
     python benchmarks/report.py            # all cases, a few minutes on 2 cores
     python benchmarks/report.py -k conv    # a subset (any pytest arguments)
+    python benchmarks/report.py --device cuda   # every case on the GPU
     python benchmarks/report.py --from-json runs/bench.json   # print an earlier run
 
 Every ratio is the median of paired ratios: the variants of a case run interleaved in
@@ -49,7 +50,8 @@ def table(data: dict) -> str:
     info = data.get("machine_info", {})
     lines.append(
         f"machine: {info.get('cpu', {}).get('brand_raw', platform.processor())}, "
-        f"{os.cpu_count()} logical cores; python {info.get('python_version', '')}"
+        f"{os.cpu_count()} logical cores; python {info.get('python_version', '')}; "
+        f"device {data.get('device', 'cpu')}"
     )
     lines.append("")
     lines.append(
@@ -89,10 +91,39 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _gpu_name(device: str) -> str:
+    import torch
+
+    return str(torch.cuda.get_device_name(torch.device(device)))
+
+
+def device_arg(argv: list[str]) -> tuple[str, list[str]]:
+    """``--device cpu|cuda|cuda:N`` (or ``--device=...``) taken out of ``argv``."""
+    rest, device = [], "cpu"
+    args = iter(argv)
+    for arg in args:
+        if arg == "--device":
+            device = next(args, "")
+        elif arg.startswith("--device="):
+            device = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if device != "cpu" and device != "cuda" and not device.startswith("cuda:"):
+        raise SystemExit(f"error: --device must be cpu, cuda or cuda:N, but got {device!r}")
+    return device, rest
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--from-json"]:
         print(table(json.loads(Path(argv[1]).read_text())))
         return 0
+    device, argv = device_arg(argv)
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"error: --device {device}: this torch sees no CUDA device", file=sys.stderr)
+            return 2
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         cmd = [
@@ -109,6 +140,7 @@ def main(argv: list[str]) -> int:
         ]
         env = {
             **os.environ,
+            "MASKEDCONV_BENCH_DEVICE": device,
             "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
             "MALLOC_TRIM_THRESHOLD_": str(64 << 30),
             "MALLOC_TOP_PAD_": str(256 << 20),
@@ -116,7 +148,9 @@ def main(argv: list[str]) -> int:
         code = subprocess.call(cmd, env=env)
         if code != 0:
             return code
-        print(table(json.loads(out.read_text())))
+        data = json.loads(out.read_text())
+        data["device"] = device if device == "cpu" else f"{device} ({_gpu_name(device)})"
+        print(table(data))
     return 0
 
 

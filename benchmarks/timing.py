@@ -51,16 +51,24 @@ class Timings(dict[str, float]):
 _runs = itertools.count()
 
 
-def interleaved(variants: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> Timings:
-    """Time each variant once per round, in turn, for ``rounds`` rounds."""
+def interleaved(
+    variants: dict[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    sync: Callable[[], None] = lambda: None,
+) -> Timings:
+    """Time each variant once per round, in turn, for ``rounds`` rounds; ``sync`` waits
+    for an asynchronous device (``torch.cuda.synchronize``) before a clock is read."""
     for _ in range(warmup):
         for fn in variants.values():
             fn()
+    sync()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
     return Timings(times, next(_runs))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import ctypes
 import gzip
 import hashlib
 import io
@@ -35,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
-from maskedconv import GatedPixelCNN, PixelCNN
+from maskedconv import GatedPixelCNN, PixelCNN, set_conv_autotune
 
 # --------------------------------------------------------------------------- data
 
@@ -358,6 +359,19 @@ def make_parser(exp: Experiment, description: str) -> argparse.ArgumentParser:
         "--amp", action="store_true", help="bf16 autocast on GPU (the loss stays float32)"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="keep the model's weights and activations channels-last (NHWC); on some CPUs "
+        "and GPUs a faster training step (docs/performance.md)",
+    )
+    p.add_argument(
+        "--autotune",
+        action="store_true",
+        help="time each masked conv's formulations once and keep the fastest "
+        "(maskedconv.set_conv_autotune); results then differ in the last float digits "
+        "from run to run, so a resumed run is no longer bit-identical",
+    )
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--hidden-channels", type=int, default=exp.hidden_channels)
     p.add_argument("--num-layers", type=int, default=exp.num_layers)
@@ -470,6 +484,22 @@ def setup_distributed(device_flag: str) -> tuple[Dist, torch.device]:
 
 
 # ----------------------------------------------------------------- checkpoints
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc to keep freed memory for reuse, as ``benchmarks/report.py`` does with
+    its ``MALLOC_*`` variables: by default glibc hands large freed blocks back to the OS,
+    and a training step then page-faults its activations back in (up to 1.6x slower).
+    Returns whether the settings took (glibc on Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # glibc's malloc.h
+    settings = ((m_mmap_threshold, 32 << 20), (m_trim_threshold, 2**31 - 1), (m_top_pad, 256 << 20))
+    return all(mallopt(param, value) == 1 for param, value in settings)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -789,6 +819,8 @@ def run(exp: Experiment, description: str, argv: list[str] | None = None) -> int
 
 def _train(exp: Experiment, args: argparse.Namespace) -> int:
     d, device = setup_distributed(args.device)
+    keep_freed_memory()  # the benchmark's allocator settings: the same speed here
+    set_conv_autotune(args.autotune)
     out = Path(args.out_dir)
     ckpt_path = out / "checkpoint.pt"
     torch.manual_seed(args.seed)
@@ -818,6 +850,8 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
         num_classes=10 if args.conditional else None,
         color_groups=args.color_groups,
     ).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     identity = run_identity(exp, args, model.config.to_dict(), d.world)
     state: dict[str, Any] = {

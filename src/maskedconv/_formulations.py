@@ -94,7 +94,8 @@ def _padded_piece(mask: Tensor, rows: tuple[int, int], dilation: tuple[int, int]
 
 def plan(mask: Tensor, dilation: tuple[int, int], formulation: str) -> Plan | None:
     """The pieces of ``formulation`` for ``mask``; ``()`` if the mask keeps nothing, and
-    ``None`` if the formulation is the same as another for this mask (``"split"`` of a
+    ``None`` if the formulation is the same as ``"pad"`` for this mask (``"crop"`` of a
+    kernel whose kept taps are symmetric about the centre, such as 1x1; ``"split"`` of a
     mask with nothing above or nothing at the centre row)."""
     row_span, col_span = _kept(mask, 2), _kept(mask, 3)
     if row_span is None or col_span is None:
@@ -110,18 +111,19 @@ def plan(mask: Tensor, dilation: tuple[int, int], formulation: str) -> Plan | No
             slices.append(slice(first, last + 1))
             padding.append(pad)
             offsets.append(pad + (first - centre) * dil)
-        return (
-            Piece(
-                slices[0],
-                slices[1],
-                (0, 0, 0, 0),
-                (padding[0], padding[1]),
-                (offsets[0], offsets[1]),
-            ),
+        # A span symmetric about the centre needs no slice: that is "pad" again.
+        exact = all(
+            first - centre == centre - last
+            for (first, last), centre in zip(
+                (row_span, col_span), (c // 2 for c in mask.shape[2:]), strict=True
+            )
         )
+        offset = None if exact else (offsets[0], offsets[1])
+        crop = Piece(slices[0], slices[1], (0, 0, 0, 0), (padding[0], padding[1]), offset)
+        return None if crop == _padded_piece(mask, row_span, dilation) else (crop,)
     if formulation == "pad":
-        piece = _padded_piece(mask, row_span, dilation)
-        return () if piece is None else (piece,)
+        padded = _padded_piece(mask, row_span, dilation)
+        return () if padded is None else (padded,)
     if formulation == "split":
         centre = mask.shape[2] // 2
         if not row_span[0] < centre <= row_span[1]:
