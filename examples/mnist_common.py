@@ -810,17 +810,19 @@ def run(exp: Experiment, description: str, argv: list[str] | None = None) -> int
     parser = make_parser(exp, description)
     args = parser.parse_args(argv)
     check_args(exp, parser, args)
+    autotune = set_conv_autotune(args.autotune)
     try:
         return _train(exp, args)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        set_conv_autotune(autotune)  # as it was, for a caller in the same process
 
 
 def _train(exp: Experiment, args: argparse.Namespace) -> int:
     d, device = setup_distributed(args.device)
     keep_freed_memory()  # the benchmark's allocator settings: the same speed here
-    set_conv_autotune(args.autotune)
     out = Path(args.out_dir)
     ckpt_path = out / "checkpoint.pt"
     torch.manual_seed(args.seed)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -42,3 +43,31 @@ def test_the_verdict_is_the_median_and_a_straddling_spread_is_flagged() -> None:
     r = {"target": ">= 150", **spread([100.0, 110.0, 120.0])}
     assert report.check(r) == ">= 150  MISSED"
     assert report.check({"target": None, "value": 1.0}) == ""
+
+
+def test_each_timing_waits_for_the_device() -> None:
+    from timing import interleaved
+
+    events: list[str] = []
+    timings = interleaved(
+        {"a": lambda: events.append("a"), "b": lambda: events.append("b")},
+        rounds=2,
+        sync=lambda: events.append("sync"),
+    )
+    # One warm-up round, a sync, then every timed call followed by its sync.
+    assert events == ["a", "b", "sync", "a", "sync", "b", "sync", "a", "sync", "b", "sync"]
+    assert set(timings) == {"a", "b"} and len(timings.rounds["a"]) == 2
+
+
+def test_device_flag_is_taken_out_of_the_pytest_arguments() -> None:
+    assert report.device_arg(["-k", "conv"]) == ("cpu", ["-k", "conv"])
+    assert report.device_arg(["--device", "cuda", "-k", "conv"]) == ("cuda", ["-k", "conv"])
+    assert report.device_arg(["--device=cuda:1"]) == ("cuda:1", [])
+    with pytest.raises(SystemExit, match="--device must be cpu, cuda or cuda:N, but got 'tpu'"):
+        report.device_arg(["--device", "tpu"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_device_cuda_without_a_gpu_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert report.main(["--device", "cuda", "-k", "conv"]) == 2
+    assert "--device cuda: this torch sees no CUDA device" in capsys.readouterr().err

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+import maskedconv
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
@@ -244,6 +246,27 @@ def test_resume_continues_exactly(tmp_path: Path, data_args: list[str]) -> None:
             else value == b["model"][name]
         ), name
     assert a["train_curve"] == b["train_curve"]
+
+
+def test_channels_last_and_autotune_change_the_speed_not_the_run(
+    tmp_path: Path, data_args: list[str]
+) -> None:
+    plain, fast = tmp_path / "plain", tmp_path / "fast"
+    assert run_binary(plain, data_args, "--max-steps", "3") == 0
+    assert run_binary(fast, data_args, "--max-steps", "3", "--channels-last", "--autotune") == 0
+    assert not maskedconv.set_conv_autotune(False)  # the run put the setting back
+    a = json.loads((plain / "metrics.json").read_text())
+    b = json.loads((fast / "metrics.json").read_text())
+    # Same data, seed and maths: the losses agree up to float rounding.
+    for (step_a, loss_a), (step_b, loss_b) in zip(a["train"], b["train"], strict=True):
+        assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-4)
+    assert b["test"][-1]["nats_per_dim"] == pytest.approx(a["test"][-1]["nats_per_dim"], rel=1e-4)
+
+
+def test_the_allocator_keeps_freed_memory_as_in_the_benchmark() -> None:
+    # glibc refuses a value out of range (mallopt returns 0): the settings must all take.
+    expected = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
+    assert mc.keep_freed_memory() is expected
 
 
 def test_resume_from_another_config_is_refused(
