@@ -413,6 +413,12 @@ class _SpatialStep:
         if self.bias is not None:
             self.row += self.bias
 
+    def add_to_row(self, extra: Tensor) -> None:
+        """Add ``extra``, ``(W | 1, B, O)``, to this row's outputs (after ``start_row``):
+        a term that the caller knows for the whole row, summed in the step's own matmul
+        instead of by an op per position."""
+        self.row += extra
+
     def step(self, x: Tensor, col: int) -> Tensor:
         slot, patch, above = self.views[col]
         slot.copy_(x)

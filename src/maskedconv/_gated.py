@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._conditioning import BiasAt, ConditionBias, Conditioning, make_condition_bias
-from ._conv import MaskedConv2d
+from ._conv import MaskedConv2d, _SpatialStep
 from ._heads import OutputHead
 from ._incremental import IncrementalStep, cache_bytes, step_of
 from ._masks import group_split_error
@@ -183,10 +183,19 @@ class _GatedStep:
         self.pending = weight.new_zeros(batch, width, in_c) if layer.first else None
         self.link_weight = layer.link.weight.detach()[:, :, 0, 0].t().contiguous()  # (2h, 2h)
         self.link_bias = None if layer.link.bias is None else layer.link.bias.detach()
-        self.link_row = weight.new_zeros(width, batch, weight.shape[0])
-        self.h_conv = step_of(layer.h_conv, batch, width)
-        self.h_out = step_of(layer.h_out, batch, width)
-        self.skip = step_of(layer.skip, batch, width)
+        h_conv = layer.h_conv.incremental(batch, width)  # a 1 x k conv: one row, no cache above
+        assert isinstance(h_conv, _SpatialStep)
+        self.h_conv = h_conv
+        # h_out and skip read the same gated vector: one matmul for both, (h, 2h).
+        outs = [
+            (conv.weight * conv.mask).detach()[:, :, 0, 0] for conv in (layer.h_out, layer.skip)
+        ]
+        self.out_weight = torch.cat(outs).t().contiguous()
+        biases = [
+            conv.bias.detach() if conv.bias is not None else outs[0].new_zeros(len(outs[0]))
+            for conv in (layer.h_out, layer.skip)
+        ]
+        self.out_bias = torch.cat(biases)
         self.v_bias_map = None
         self.h_bias = None
         if cond is not None and layer.v_condition is not None and layer.h_condition is not None:
@@ -214,26 +223,27 @@ class _GatedStep:
             bias = self.v_bias_map[:, :, row if self.v_bias_map.shape[2] > 1 else 0]
             v_pre = v_pre + bias  # (B, 2h, 1 | W)
         rows = v_pre.permute(2, 0, 1)  # (W, B, 2h)
-        link = torch.matmul(rows, self.link_weight)
+        # The link from the vertical stack and the conditioning bias are known for the
+        # whole row: added to the horizontal conv's row outputs once, not per position.
+        self.h_conv.start_row(row)
+        self.h_conv.add_to_row(torch.matmul(rows, self.link_weight))
         if self.link_bias is not None:
-            link = link + self.link_bias
-        self.link_row.copy_(link)
-        for step in (self.h_conv, self.h_out, self.skip):
-            step.start_row(row)
+            self.h_conv.add_to_row(self.link_bias)
         if self.h_bias is not None:
             self.h_bias.start_row(row)
+            self.h_conv.add_to_row(self.h_bias.row)  # (1 | W, B, 2h)
         return gate(v_pre)
 
     def step(self, h: Tensor, col: int) -> tuple[Tensor, Tensor]:
+        """The horizontal stack's output at ``col`` and the layer's skip contribution
+        there (a view the caller may add into)."""
         layer = self.layer
         if self.pending is not None:
             self.pending[:, col] = h
-        h_pre = self.h_conv.step(h, col) + self.link_row[col]
-        if self.h_bias is not None:
-            h_pre = h_pre + self.h_bias.at(col)
-        gated = gate(h_pre, layer.color_groups, layer.group_layout)
-        out = self.h_out.step(gated, col)
-        return (out if layer.first else h + out), self.skip.step(gated, col)
+        gated = gate(self.h_conv.step(h, col), layer.color_groups, layer.group_layout)
+        out = torch.addmm(self.out_bias, gated, self.out_weight)  # (B, 2h): h_out | skip
+        h_out, skip = out[:, : layer.channels], out[:, layer.channels :]
+        return (h_out if layer.first else h + h_out), skip
 
     def write(self, h: Tensor, col: int) -> None:
         if self.pending is not None:
@@ -241,7 +251,7 @@ class _GatedStep:
         self.h_conv.write(h, col)
 
     def cache_bytes(self) -> int:
-        own = self.cache.numel() + self.link_row.numel()
+        own = self.cache.numel()
         if self.pending is not None:
             own += self.pending.numel()
         return own * self.cache.element_size() + cache_bytes(self.h_conv)
@@ -390,7 +400,8 @@ class _GatedPixelCNNStep:
         skip = None
         for layer in self.layers:
             h, contribution = layer.step(h, col)
-            skip = contribution if skip is None else skip + contribution
+            # The first contribution is a fresh tensor's view that no one else reads.
+            skip = contribution if skip is None else skip.add_(contribution)
         assert skip is not None
         out = self.hidden_conv.step(skip.relu_(), col)
         if self.hidden_bias is not None:
