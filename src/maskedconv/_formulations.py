@@ -291,8 +291,8 @@ def _time(
                 out = run(pieces, leaves[0], leaves[1], mask, bias_leaf, dilation, groups)
                 if grads:
                     torch.autograd.grad(out, params, torch.ones_like(out))
-            if out.device.type == "cuda":
-                torch.cuda.synchronize(out.device)
+            if out.device.type != "cpu":  # wait for an asynchronous device (CUDA, MPS, XPU)
+                torch.accelerator.synchronize(out.device)
 
         return go
 
