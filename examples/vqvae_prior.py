@@ -45,6 +45,7 @@ from mnist_common import (
     StopFlag,
     _save_png,
     atomic_write_bytes,
+    keep_freed_memory,
     load_checkpoint,
     load_mnist,
     pick_device,
@@ -474,6 +475,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.resume and not found:
         raise DataError(f"--resume: no checkpoint in {out}; run without --resume first")
     device = pick_device(args.device)
+    keep_freed_memory()  # as the MNIST examples and the benchmarks
     torch.manual_seed(args.seed)
     mnist = load_mnist(Path(args.data_dir), download=not args.no_download)
     train = torch.from_numpy(mnist["train"].copy()).float().div_(255).unsqueeze(1)
