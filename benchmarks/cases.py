@@ -26,6 +26,7 @@ from maskedconv import (
     sample,
     set_conv_autotune,
 )
+from maskedconv._formulations import run as run_formulation
 
 Result = dict[str, Any]
 
@@ -107,6 +108,45 @@ def conv_case(kind: str, channels: int, groups: int, backward: bool, rounds: int
             ratio("blog / dense", "blog", "dense"),
         ],
         chosen={k: v for k, v in chosen_formulations().items() if k not in known},
+    )
+
+
+def conv_formulations_case(channels: int, batch: int, rounds: int) -> Result:
+    """A 7x7 type-B layer, forward+backward, by each formulation in each memory format,
+    against a dense nn.Conv2d: the measurements behind the default rule."""
+    torch.manual_seed(0)
+    conv = MaskedConv2d(channels, channels, 7, mask_type="B").to(DEVICE)
+    dense = nn.Conv2d(channels, channels, 7, padding=3).to(DEVICE)
+    x = torch.randn(batch, channels, 28, 28, device=DEVICE)
+    formats = {"": torch.contiguous_format, " NHWC": torch.channels_last}
+    variants: dict[str, Callable[[], None]] = {}
+
+    def run(fn: Callable[[torch.Tensor], torch.Tensor], inp: torch.Tensor) -> Callable[[], None]:
+        def go() -> None:
+            fn(inp.detach().requires_grad_(True)).sum().backward()
+
+        return go
+
+    for suffix, memory_format in formats.items():
+        inp = x.contiguous(memory_format=memory_format)
+        layer = copy.deepcopy(conv).to(memory_format=memory_format)
+        dense_layer = copy.deepcopy(dense).to(memory_format=memory_format)
+        variants["dense" + suffix] = run(dense_layer, inp)
+        for name, pieces in layer._plans.items():
+            args = (layer.weight, layer.mask, layer.bias, layer.dilation, layer.groups)
+
+            def by(t: torch.Tensor, pieces: Any = pieces, args: Any = args) -> torch.Tensor:
+                return run_formulation(pieces, t, *args)
+
+            variants[name + suffix] = run(by, inp)
+    medians = interleaved(variants, rounds)
+    return finish(
+        medians,
+        [
+            ratio(f"{name} / dense (NCHW)", name, "dense")
+            for name in variants
+            if not name.startswith("dense")
+        ],
     )
 
 

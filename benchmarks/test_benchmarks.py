@@ -10,6 +10,7 @@ import pytest
 from cases import (
     code_prior_sample_case,
     conv_case,
+    conv_formulations_case,
     gated_sample_case,
     gated_train_case,
     head_sample_case,
@@ -29,6 +30,13 @@ def run(benchmark, case, *args, **kwargs) -> None:
 )
 def test_masked_conv_7x7(benchmark, kind: str, channels: int, groups: int, backward: bool) -> None:
     run(benchmark, conv_case, kind, channels, groups, backward)
+
+
+@pytest.mark.parametrize(
+    ("channels", "batch"), [(64, 32), (120, 32), (64, 128)], ids=["64-b32", "120-b32", "64-b128"]
+)
+def test_conv_formulations(benchmark, channels: int, batch: int) -> None:
+    run(benchmark, conv_formulations_case, channels, batch, rounds=15 if batch == 32 else 7)
 
 
 @pytest.mark.parametrize("color", [False, True], ids=["binary-b128", "color-b32"])
