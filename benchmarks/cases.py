@@ -7,9 +7,10 @@ variant's median to another's, each with the target it is held to (if any).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -37,6 +38,16 @@ DEVICE = torch.device(os.environ.get("MASKEDCONV_BENCH_DEVICE", "cpu"))
 def _sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize(DEVICE)
+
+
+@contextlib.contextmanager
+def autotuned(enabled: bool) -> Iterator[None]:
+    """``set_conv_autotune(enabled)`` for the block, then as it was."""
+    previous = set_conv_autotune(enabled)
+    try:
+        yield
+    finally:
+        set_conv_autotune(previous)
 
 
 def interleaved(variants: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> Timings:
@@ -82,16 +93,13 @@ def conv_case(kind: str, channels: int, groups: int, backward: bool, rounds: int
 
     def run(layer: nn.Module, inp: torch.Tensor, tuned: bool) -> Callable[[], None]:
         def go() -> None:
-            previous = set_conv_autotune(tuned)
-            try:
+            with autotuned(tuned):
                 if backward:
                     xx = inp.detach().requires_grad_(True)
                     layer(xx).sum().backward()
                 else:
                     with torch.no_grad():
                         layer(inp)
-            finally:
-                set_conv_autotune(previous)
 
         return go
 
@@ -170,14 +178,11 @@ def train_case(color: bool, rounds: int) -> Result:
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
         def go() -> None:
-            previous = set_conv_autotune(tuned)
-            try:
+            with autotuned(tuned):
                 opt.zero_grad(set_to_none=True)
                 loss().backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
-            finally:
-                set_conv_autotune(previous)
 
         return go
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from pixelcnn_models import perturb_
+from pixelcnn_models import cached_and_naive, perturb_
 from torch import nn
 
 from maskedconv import (
@@ -18,7 +18,6 @@ from maskedconv import (
     MaskedConv2d,
     PixelCNN,
     ResidualBlock,
-    sample,
 )
 from maskedconv._stems import EmbeddingInput, ScaledInput
 
@@ -247,15 +246,8 @@ def test_evaluator_errors() -> None:
 def test_cached_and_naive_sampling_identical(case: tuple, complete: bool) -> None:
     model = build_model(case)
     shape = (3, model.in_channels, 3, 4)
-    kwargs: dict = {"temperature": 0.8}
-    if complete:
-        gen = torch.Generator().manual_seed(5)
-        kwargs["x"] = torch.randint(0, model.levels, shape, generator=gen)
-        kwargs["known"] = torch.rand(shape, generator=gen) < 0.4
-    else:
-        kwargs["shape"] = shape
-    fast = sample(model, generator=torch.Generator().manual_seed(3), method="cached", **kwargs)
-    slow = sample(model, generator=torch.Generator().manual_seed(3), method="naive", **kwargs)
+    gen = torch.Generator().manual_seed(5)
+    fast, slow, kwargs = cached_and_naive(model, shape, complete, gen, temperature=0.8)
     assert torch.equal(fast, slow)
     assert fast.min() >= 0 and fast.max() < model.levels
     if complete:

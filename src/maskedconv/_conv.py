@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from ._formulations import DEFAULT as DEFAULT_FORMULATION
-from ._formulations import FORMULATIONS
+from ._formulations import FORMULATIONS, ConvArgs
 from ._formulations import choose as choose_formulation
 from ._formulations import plan as formulation_plan
 from ._formulations import run as run_formulation
@@ -306,8 +306,8 @@ class MaskedConv2d(nn.Conv2d):
             return masked_conv2d(
                 input, self.weight, self.mask, self.bias, padding, dilation, self.groups
             )
-        args = (input, self.weight, self.mask, self.bias, dilation, self.groups)
-        return run_formulation(choose_formulation(self._plans, self._mask_id, *args), *args)
+        args = ConvArgs(input, self.weight, self.mask, self.bias, dilation, self.groups)
+        return run_formulation(choose_formulation(self._plans, self._mask_id, args), *args)
 
     def incremental(self, batch: int, width: int) -> _LinearStep | _SpatialStep:
         """This conv evaluated one position at a time (see ``maskedconv._incremental``).

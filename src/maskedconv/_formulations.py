@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -229,18 +229,21 @@ def _tracing(input: Tensor) -> bool:
     )
 
 
-def choose(
-    plans: dict[str, Plan],
-    mask_id: tuple[str, str],
-    input: Tensor,
-    weight: Tensor,
-    mask: Tensor,
-    bias: Tensor | None,
-    dilation: tuple[int, int],
-    groups: int,
-) -> Plan:
+class ConvArgs(NamedTuple):
+    """One masked conv call: what ``run`` takes after the pieces."""
+
+    input: Tensor
+    weight: Tensor
+    mask: Tensor
+    bias: Tensor | None
+    dilation: tuple[int, int]
+    groups: int
+
+
+def choose(plans: dict[str, Plan], mask_id: tuple[str, str], args: ConvArgs) -> Plan:
     """The plan to use for this call: the rule's, or the cached or newly timed fastest.
     ``mask_id``: the layer's mask description and digest."""
+    input, weight, bias = args.input, args.weight, args.bias
     if not _autotune or len(plans) == 1 or _tracing(input):
         return plans[DEFAULT]
     grads = torch.is_grad_enabled() and (
@@ -255,40 +258,37 @@ def choose(
         and input.is_contiguous(memory_format=torch.channels_last),
         weight.shape,
         mask_id,
-        dilation,
-        groups,
+        args.dilation,
+        args.groups,
         ("forward+backward" if grads else "forward"),
     )
     name = _chosen.get(key)
     if name is None:
-        name = _time(plans, input, weight, mask, bias, dilation, groups, grads)
+        name = _time(plans, args, grads)
         _chosen[key] = name
     return plans[name]
 
 
-def _time(
-    plans: dict[str, Plan],
-    input: Tensor,
-    weight: Tensor,
-    mask: Tensor,
-    bias: Tensor | None,
-    dilation: tuple[int, int],
-    groups: int,
-    grads: bool,
-    rounds: int = 5,
-) -> str:
+def _time(plans: dict[str, Plan], args: ConvArgs, grads: bool, rounds: int = 5) -> str:
     """The fastest plan by the minimum over interleaved rounds, on detached copies (no
     gradient reaches the real parameters)."""
-    leaves = [t.detach().requires_grad_(grads and t.requires_grad) for t in (input, weight)]
-    bias_leaf = None if bias is None else bias.detach().requires_grad_(grads and bias.requires_grad)
+
+    def leaf(t: Tensor) -> Tensor:
+        return t.detach().requires_grad_(grads and t.requires_grad)
+
+    copies = args._replace(
+        input=leaf(args.input),
+        weight=leaf(args.weight),
+        bias=None if args.bias is None else leaf(args.bias),
+    )
     params: Sequence[Tensor] = [
-        t for t in (*leaves, bias_leaf) if t is not None and t.requires_grad
+        t for t in (copies.input, copies.weight, copies.bias) if t is not None and t.requires_grad
     ]
 
     def call(pieces: Plan) -> Callable[[], None]:
         def go() -> None:
             with torch.enable_grad() if grads else torch.no_grad():
-                out = run(pieces, leaves[0], leaves[1], mask, bias_leaf, dilation, groups)
+                out = run(pieces, *copies)
                 if grads:
                     torch.autograd.grad(out, params, torch.ones_like(out))
             if out.device.type != "cpu":  # wait for an asynchronous device (CUDA, MPS, XPU)
