@@ -75,3 +75,30 @@ def cached_and_naive(
     fast = sample(model, generator=torch.Generator().manual_seed(3), method="cached", **kwargs)
     slow = sample(model, generator=torch.Generator().manual_seed(3), method="naive", **kwargs)
     return fast, slow, kwargs
+
+
+def decode_like_a_decoder(
+    model: Any, x: torch.Tensor, tol: float, schedule: Any = "auto", **kwargs: Any
+) -> int:
+    """Walk ``x`` step by step as an entropy decoder would: every group's parameters must
+    equal the full forward's at the step's positions while the later groups hold garbage.
+    Returns the number of steps."""
+    from maskedconv import IncrementalEvaluator
+
+    batch, c, height, width = x.shape
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        full = model(x, **kwargs)
+        ev = IncrementalEvaluator(model, batch, (height, width), schedule=schedule, **kwargs)
+        while not ev.done:
+            rows, cols = ev.rows, ev.cols
+            values = torch.randint(0, model.levels, (batch, c, len(rows)), generator=gen)
+            for chans in ev.groups:
+                params = ev.params(values)  # (B, C, K, n) or (B, P, n)
+                ref = full[..., rows, cols]
+                if model.color_groups > 1:  # the categorical head: by channel
+                    params, ref = params[:, chans], ref[:, chans]
+                torch.testing.assert_close(params, ref, rtol=0, atol=tol)
+                values[:, chans] = x[:, chans][..., rows, cols]
+            ev.advance(values)
+        return len(ev.schedule)

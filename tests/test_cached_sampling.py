@@ -9,8 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import maskedconv._heads as heads_module
-from maskedconv import PixelCNN, sample
-from maskedconv._models import _PixelCNNStep
+from maskedconv import IncrementalEvaluator, PixelCNN, sample
 
 configs = st.fixed_dictionaries(
     {
@@ -31,41 +30,12 @@ def build(cfg: dict, dtype: torch.dtype = torch.float64, perturb: bool = True) -
     return pixelcnn_models.build(cfg, dtype, perturb).eval()
 
 
-def group_channels(model: PixelCNN, g: int) -> list[int]:
-    c, groups = model.in_channels, model.color_groups
-    if model.group_layout == "blocked":
-        return list(range(g * c // groups, (g + 1) * c // groups))
-    return list(range(g, c, groups))
-
-
-def check_steps_match_forward(model: PixelCNN, height: int, width: int, tol: float) -> None:
+@given(cfg=configs, schedule=st.sampled_from(["raster", "wavefront"]))
+def test_cached_logits_equal_full_forward_float64(cfg: dict, schedule: str) -> None:
+    model = build(cfg)
     gen = torch.Generator().manual_seed(1)
-    c, k = model.in_channels, model.levels
-    x = torch.randint(0, k, (3, c, height, width), generator=gen)
-    with torch.no_grad():
-        full = model(x)  # (B, C, K, H, W)
-        stepper = model.incremental(3, width)
-        for row in range(height):
-            stepper.start_row(row)
-            for col in range(width):
-                for g in range(model.color_groups):
-                    # As in sampling: groups before g are known, group g and later are
-                    # not yet drawn (garbage here); group g's logits must be exact.
-                    pixel = torch.randint(0, k, (3, c), generator=gen)
-                    done = [ch for h in range(g) for ch in group_channels(model, h)]
-                    pixel[:, done] = x[:, done, row, col]
-                    logits = stepper.step(pixel, col)  # (B, C, K)
-                    chans = group_channels(model, g)
-                    # The conditional log-probabilities the sampler draws from.
-                    ours = torch.log_softmax(logits[:, chans], dim=-1)
-                    ref = torch.log_softmax(full[:, chans, :, row, col], dim=-1)
-                    torch.testing.assert_close(ours, ref, rtol=0, atol=tol)
-                stepper.write(x[:, :, row, col], col)
-
-
-@given(cfg=configs)
-def test_cached_logits_equal_full_forward_float64(cfg: dict) -> None:
-    check_steps_match_forward(build(cfg), cfg["height"], cfg["width"], 1e-10)
+    x = torch.randint(0, model.levels, (3, model.in_channels, cfg["height"], cfg["width"]), generator=gen)
+    pixelcnn_models.decode_like_a_decoder(model, x, 1e-10, schedule)
 
 
 @pytest.mark.parametrize("in_channels", [1, 3])
@@ -80,7 +50,9 @@ def test_cached_logits_equal_full_forward_float32(in_channels: int) -> None:
         block="residual",
     )
     # As initialised: log-probabilities of order 1, where 1e-5 is a float tolerance.
-    check_steps_match_forward(build(cfg, torch.float32, perturb=False), 9, 8, 1e-5)
+    model = build(cfg, torch.float32, perturb=False)
+    x = torch.randint(0, 4, (2, in_channels, 9, 12), generator=torch.Generator().manual_seed(1))
+    pixelcnn_models.decode_like_a_decoder(model, x, 1e-5)
 
 
 @given(cfg=configs, temperature=st.sampled_from([1.0, 0.7, 1.5]), complete=st.booleans())
@@ -102,9 +74,9 @@ def record_draws(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
     seen: list[torch.Tensor] = []
     real_draw = heads_module.draw_from_log_probs
 
-    def spy(logits, temperature, generator):
+    def spy(logits, temperature, noise):
         seen.append(torch.log_softmax(logits, dim=-1))
-        return real_draw(logits, temperature, generator)
+        return real_draw(logits, temperature, noise)
 
     monkeypatch.setattr(heads_module, "draw_from_log_probs", spy)
     return seen
@@ -165,16 +137,17 @@ def test_cached_and_naive_agree_in_float32_on_the_blog_model() -> None:
 
 def test_auto_uses_the_cached_path_for_a_pixelcnn(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real_step = _PixelCNNStep.step
+    real_params = IncrementalEvaluator.params
 
-    def spy(self, pixel, col):
-        calls.append(col)
-        return real_step(self, pixel, col)
+    def spy(self, values):
+        calls.append(values.shape[-1])
+        return real_params(self, values)
 
-    monkeypatch.setattr(_PixelCNNStep, "step", spy)
+    monkeypatch.setattr(IncrementalEvaluator, "params", spy)
     model = PixelCNN(3, 2, hidden_channels=6, num_layers=2, kernel_size=3)
     sample(model, (2, 3, 2, 3))
-    assert len(calls) == 2 * 3 * 3  # one step per pixel and colour group
+    # The wavefront of 3x3 kernels (slope 2) on 2x3: 5 steps, one call per colour group.
+    assert len(calls) == 5 * 3 and sum(calls) == 2 * 3 * 3
     calls.clear()
     sample(model, (2, 3, 2, 3), method="naive")
     assert calls == []
@@ -208,9 +181,10 @@ def test_unknown_method() -> None:
         sample(model, (1, 1, 2, 2), method="fast")
 
 
-def test_cache_memory_is_a_few_rows_per_layer() -> None:
+def test_cache_memory_is_one_padded_image_per_spatial_conv() -> None:
     model = PixelCNN(1, 2)  # blog binary: 5 kxk convs, 64 channels, 7x7
-    stepper = model.incremental(16, 28)
-    # per image: 4 blocks x (4 rows x 34 cols x 64 ch + 28 x 64) + first conv (4 x 34 x 1 + 28 x 64)
-    per_image = 4 * (4 * 34 * 64 + 28 * 64) + (4 * 34 * 1 + 28 * 64)
-    assert stepper.cache_bytes() == 16 * per_image * 4
+    ev = IncrementalEvaluator(model, 16, (28, 28))
+    # Each 7x7 conv keeps its input, zero-padded by 3 on every side, channels last: the
+    # type-A conv's 1 channel and the 4 blocks' 64; the 1x1 convs keep nothing.
+    per_image = 34 * 34 * (1 + 4 * 64)
+    assert ev.cache_bytes() == 16 * per_image * 4

@@ -303,17 +303,17 @@ def test_every_head_and_stem_is_causal_through_forward(
     model.float()
     # The same model with a type-B first layer sees its own sub-pixel: caught.
     leaky = MaskedConv2d(
-        model.input_conv.in_channels,
-        model.input_conv.out_channels,
+        model.trunk[0].conv.in_channels,
+        model.trunk[0].conv.out_channels,
         3,
         mask_type="B",
         color_groups=model.color_groups,
         group_layout=layout,
     )
     with torch.no_grad():
-        leaky.weight.copy_(model.input_conv.weight)
+        leaky.weight.copy_(model.trunk[0].conv.weight)
         leaky.weight[:, :, 1, 1] = 0.5
-    model.input_conv = leaky
+    model.trunk[0].conv = leaky
     leak = dependence_by_single_changes(model.double(), k, (c, 4, 4)) & ~allowed
     assert leak.any()  # the oracle sees it too
     model.float()

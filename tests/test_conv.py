@@ -444,7 +444,7 @@ def test_meta_construction_and_to_empty_rebuild_the_mask() -> None:
             model.to_empty(device="cpu")
             model.load_state_dict(reference.state_dict())
             torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
-            conv = model.input_conv if cls is PixelCNN else model.layers[0].h_conv
+            conv = model.trunk[0].conv if cls is PixelCNN else model.trunk[0].h_conv
             assert torch.equal(conv.mask, conv._mask_source)
 
 

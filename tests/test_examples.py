@@ -521,7 +521,7 @@ def test_a_flipped_byte_in_a_checkpoint_is_found_on_resume(
 ) -> None:
     assert run_binary(tmp_path, data_args, "--max-steps", "1") == 0
     path = tmp_path / "checkpoint.pt"
-    weight = torch.load(path, weights_only=True)["model"]["output_conv.weight"]
+    weight = torch.load(path, weights_only=True)["model"]["trunk.3.conv.weight"]
     raw = bytearray(path.read_bytes())
     at = raw.find(weight.numpy().tobytes())
     assert at > 0

@@ -9,10 +9,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from pixelcnn_models import cached_and_naive, perturb_
+from pixelcnn_models import cached_and_naive, decode_like_a_decoder, perturb_
 from torch import nn
 
-import maskedconv._gated as gated_module
+import maskedconv._blocks as gated_module
 from maskedconv import (
     GatedPixelCNN,
     IncrementalEvaluator,
@@ -214,7 +214,7 @@ def small_gated(groups: int = 1, layout: str = "blocked") -> GatedPixelCNN:
 def test_mutation_first_vertical_layer_seeing_its_own_row_fails() -> None:
     # In this design the down-shift is the first vertical conv keeping only rows above.
     model = small_gated()
-    first = model.layers[0]
+    first = model.trunk[0]
     first.v_conv = remask(first.v_conv, gated_module.vertical_with_centre_row)
     with pytest.raises(AssertionError, match="which it must not see"):
         assert_causal(model, (2, 3, 4, 4))
@@ -222,7 +222,7 @@ def test_mutation_first_vertical_layer_seeing_its_own_row_fails() -> None:
 
 def test_mutation_later_vertical_layer_seeing_below_fails() -> None:
     model = small_gated()
-    later = model.layers[1]
+    later = model.trunk[1]
     later.v_conv = remask(later.v_conv, lambda **kw: below_centre(**kw))
     with pytest.raises(AssertionError, match="which it must not see"):
         assert_causal(model, (2, 3, 4, 4))
@@ -243,7 +243,7 @@ def test_mutation_gate_split_mixing_colour_groups_fails(monkeypatch: pytest.Monk
 def test_mutation_first_horizontal_kernel_seeing_the_centre_fails() -> None:
     for groups in (1, 3):
         model = small_gated(groups=groups)
-        first = model.layers[0]
+        first = model.trunk[0]
         first.h_conv = remask(first.h_conv, "B", color_groups=groups)
         with pytest.raises(AssertionError, match=r"row 0, col 0\), which it must not see"):
             assert_causal(model, (2, 3, 3, 3))
@@ -386,8 +386,9 @@ def test_cached_sampling_equals_the_plain_loop(cls, c, k, head, stem, extra, com
     assert torch.equal(fast, slow)
 
 
+@pytest.mark.parametrize("schedule", ["raster", "wavefront"])
 @pytest.mark.parametrize("groups", [1, 3])
-def test_gated_evaluator_equals_forward_with_conditioning(groups: int) -> None:
+def test_gated_evaluator_equals_forward_with_conditioning(groups: int, schedule: str) -> None:
     model = perturbed(
         GatedPixelCNN(
             3,
@@ -401,21 +402,11 @@ def test_gated_evaluator_equals_forward_with_conditioning(groups: int) -> None:
         )
     )
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 4, (2, 3, 5, 6), generator=gen)
+    x = torch.randint(0, 4, (2, 3, 5, 14), generator=gen)
     labels, cond = torch.tensor([3, 1]), torch.randn(2, 2, 3, 3, generator=gen, dtype=torch.float64)
-    with torch.no_grad():
-        full = model(x, labels=labels, cond=cond)
-        ev = IncrementalEvaluator(model, 2, (5, 6), labels=labels, cond=cond)
-        while not ev.done:
-            row, col = ev.position
-            pixel = torch.randint(0, 4, (2, 3), generator=gen)
-            for chans in ev.groups:
-                params = ev.params(pixel)
-                torch.testing.assert_close(
-                    params[:, chans], full[:, chans, :, row, col], rtol=0, atol=1e-10
-                )
-                pixel[:, chans] = x[:, chans, row, col]
-            ev.advance(pixel)
+    steps = decode_like_a_decoder(model, x, 1e-10, schedule, labels=labels, cond=cond)
+    # Three layers of reach 2: slope 7, so 14 + 7 * 4 = 42 steps instead of 70.
+    assert steps == (70 if schedule == "raster" else 42)
 
 
 def test_labels_give_one_row_per_class() -> None:

@@ -157,7 +157,7 @@ def test_categorical_draws_follow_the_probabilities(temperature: float) -> None:
         torch.zeros(n, 1, dtype=torch.long),
         None,
         channels=slice(0, 1),
-        generator=torch.Generator().manual_seed(0),
+        noise=torch.rand(n, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
         temperature=temperature,
     )
     counts = torch.bincount(draws.flatten(), minlength=6).double()
@@ -179,7 +179,7 @@ def test_mixture_draws_follow_the_probabilities(c: int, k: int, temperature: flo
         torch.zeros(n, c, dtype=torch.long),
         None,
         channels=slice(0, c),
-        generator=torch.Generator().manual_seed(2),
+        noise=torch.rand(n, c, generator=torch.Generator().manual_seed(2), dtype=torch.float64),
         temperature=temperature,
     )
     codes = (draws * k ** torch.arange(c - 1, -1, -1)).sum(1)
@@ -217,7 +217,7 @@ def test_mixture_completion_conditions_on_known_channels() -> None:
         given,
         wanted,
         channels=slice(0, 3),
-        generator=torch.Generator().manual_seed(0),
+        noise=torch.rand(n, c, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
         temperature=1.0,
     )
     assert (draws[:, 0] == 2).all()
@@ -247,7 +247,7 @@ def test_head_errors() -> None:
 
 def test_heads_given_as_instances_round_trip() -> None:
     model = PixelCNN(3, 16, head=DiscretizedLogisticMixture(16, 4), hidden_channels=12)
-    assert model.color_groups == 1 and model.output_conv.out_channels == 4 * 10
+    assert model.color_groups == 1 and model.trunk[-1].conv.out_channels == 4 * 10
     again = PixelCNN.from_config(model.config.to_dict())
     assert again.head.num_mixtures == 4 and again.config == model.config
     assert model.config.to_dict()["head"] == "dmol"

@@ -19,10 +19,12 @@ def all_images(c: int, h: int, w: int, levels: int = 2) -> torch.Tensor:
 
 def test_default_is_the_blog_architecture() -> None:
     model = PixelCNN(1, 2)
-    assert len(model.blocks) == 4 and all(isinstance(m, ResidualBlock) for m in model.blocks)
-    first = model.input_conv
+    blocks = list(model.trunk)[1:-2]
+    assert len(blocks) == 4 and all(isinstance(m, ResidualBlock) for m in blocks)
+    first = model.trunk[0].conv
     assert first.mask_type == "A" and first.kernel_size == (7, 7) and first.out_channels == 64
-    assert model.output_conv.out_channels == 2 and model.output_conv.kernel_size == (1, 1)
+    assert model.trunk[-1].conv.out_channels == 2
+    assert model.trunk[-1].conv.kernel_size == (1, 1)
     assert PixelCNN(3, 4, hidden_channels=120).color_groups == 3
     assert PixelCNN(3, 4, hidden_channels=120, color_groups=1).color_groups == 1
 
@@ -33,12 +35,12 @@ def test_residual_is_added_once() -> None:
         for p in block.parameters():
             p.zero_()
     x = torch.randn(1, 4, 5, 5)
-    torch.testing.assert_close(block(x), x)
+    torch.testing.assert_close(block(x)[0], x)
     bottleneck = BottleneckBlock(4, 3)
     with torch.no_grad():
-        bottleneck.body[-1].weight.zero_()
-        bottleneck.body[-1].bias.zero_()
-    torch.testing.assert_close(bottleneck(x), x)
+        bottleneck.conv_out.weight.zero_()
+        bottleneck.conv_out.bias.zero_()
+    torch.testing.assert_close(bottleneck(x)[0], x)
 
 
 def test_group_layer_norm_normalises_each_group_separately() -> None:
@@ -115,14 +117,14 @@ def test_a_non_causal_model_would_not_normalise() -> None:
     # The normalisation test can fail: a type-B first layer sees its own pixel.
     torch.manual_seed(0)
     model = PixelCNN(1, 2, hidden_channels=8, num_layers=2, kernel_size=3).double()
-    bad = type(model.input_conv)(1, 8, 3, mask_type="B").double()
+    bad = type(model.trunk[0].conv)(1, 8, 3, mask_type="B").double()
     with pytest.raises(ValueError, match="the masks differ"):  # refused as it stands
-        bad.load_state_dict(model.input_conv.state_dict())
-    weights = {k: v for k, v in model.input_conv.state_dict().items() if k != "_extra_state"}
+        bad.load_state_dict(model.trunk[0].conv.state_dict())
+    weights = {k: v for k, v in model.trunk[0].conv.state_dict().items() if k != "_extra_state"}
     bad.load_state_dict(weights)  # without the mask's description: loaded on purpose
     with torch.no_grad():
         bad.weight[:, :, 1, 1] = 1.0  # the centre tap that type A would zero
-    model.input_conv = bad
+    model.trunk[0].conv = bad
     probs = model.log_prob(all_images(1, 3, 3)).exp()
     assert abs(probs.sum().item() - 1) > 1e-3
 
@@ -218,9 +220,9 @@ def test_input_errors(x: torch.Tensor, error: type[Exception], message: str) -> 
         ),
         (
             dict(in_channels=3, hidden_channels=63, block="bottleneck"),
-            "hidden_channels must be divisible by 2 * color_groups = 6 (the bottleneck block halves it)",
+            "hidden_channels must be divisible by 2 * color_groups = 6 (BottleneckBlock splits it)",
         ),
-        (dict(block="gated"), "block must be one of ('residual', 'bottleneck'), but got 'gated'"),
+        (dict(block="gated"), "block must be one of ('residual', 'bottleneck') or a CausalUnit subclass, but got 'gated'"),
         (
             dict(group_layout="x"),
             "group_layout must be one of ('blocked', 'interleaved'), but got 'x'",

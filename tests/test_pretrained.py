@@ -122,16 +122,16 @@ def test_missing_files_and_mismatched_tensors_are_named(tmp_path: Path) -> None:
     folder = _saved(tmp_path)
     weights = folder / "model.safetensors"
     tensors = load_file(weights)
-    del tensors["output_conv.bias"]
-    tensors["input_conv.weight"] = torch.zeros(8, 1, 5, 5)
+    del tensors["trunk.3.conv.bias"]
+    tensors["trunk.0.conv.weight"] = torch.zeros(8, 1, 5, 5)
     tensors["extra.weight"] = torch.zeros(1)
     save_file(tensors, weights)
     with pytest.raises(ValueError) as info:
         PixelCNN.from_pretrained(folder)
     message = str(info.value)
-    assert "missing output_conv.bias" in message
+    assert "missing trunk.3.conv.bias" in message
     assert "unexpected extra.weight" in message
-    assert "input_conv.weight has shape (8, 1, 5, 5), the config gives (8, 1, 7, 7)" in message
+    assert "trunk.0.conv.weight has shape (8, 1, 5, 5), the config gives (8, 1, 7, 7)" in message
     weights.write_bytes(b"\x00" * 10)
     with pytest.raises(ValueError, match="is not a readable safetensors file"):
         PixelCNN.from_pretrained(folder)
@@ -147,6 +147,6 @@ def test_a_custom_head_cannot_be_saved_by_name(tmp_path: Path) -> None:
         pass
 
     model = PixelCNN(1, 2, hidden_channels=8, num_layers=2, head=MyHead(2))
-    with pytest.raises(TypeError, match="a custom head cannot be saved by name"):
+    with pytest.raises(TypeError, match="a custom head or block cannot be saved by name"):
         model.save_pretrained(tmp_path)
     assert not (tmp_path / "model.safetensors").exists()

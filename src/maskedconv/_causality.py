@@ -52,12 +52,17 @@ def allowed_dependencies(
     mask_type: str = "A",
     color_groups: int = 1,
     group_layout: str = "blocked",
+    order: Tensor | None = None,
 ) -> Tensor:
     """Which inputs each output may depend on.
 
     Output channel o (group ``go``) at pixel p may see input channel i (group ``gi``)
-    at pixel q iff q is before p in raster order, or q = p and ``gi < go``
-    (``mask_type="A"``) or ``gi <= go`` (``"B"``).
+    at pixel q iff q is before p (in raster order, or in an earlier step of ``order``),
+    or q = p and ``gi < go`` (``mask_type="A"``) or ``gi <= go`` (``"B"``).
+
+    Args:
+        order: ``(H, W)`` ints, the step at which each pixel is computed (a schedule's
+            ``rank``); ``None``: raster order.
 
     Returns:
         ``(out_channels, H, W, in_channels, H, W)`` bool tensor.
@@ -66,7 +71,7 @@ def allowed_dependencies(
         raise ValueError(f"mask_type must be 'A' or 'B', but got {mask_type!r}")
     go = _groups(out_channels, color_groups, group_layout)
     gi = _groups(in_channels, color_groups, group_layout)
-    pos = torch.arange(height * width)
+    pos = torch.arange(height * width) if order is None else order.reshape(-1).long()
     before = (pos[None, :] < pos[:, None]).view(height, width, height, width)  # (p, q)
     same = torch.eye(height * width, dtype=torch.bool).view(height, width, height, width)
     order = go[:, None] >= gi[None, :] if mask_type == "B" else go[:, None] > gi[None, :]
@@ -83,6 +88,8 @@ class _Rule:
         self.mask_type = mask_type
         self.color_groups = color_groups
         self.group_layout = group_layout
+        self.order: Tensor | None = None  # (H, W) steps of a schedule; None: raster
+        self.schedule = ""
 
     @classmethod
     def resolve(
@@ -130,17 +137,42 @@ class _Rule:
             mask_type=self.mask_type,
             color_groups=self.color_groups,
             group_layout=self.group_layout,
+            order=self.order,
         )
 
     def describe(self) -> str:
         return (
             f"mask type {self.mask_type} with color_groups={self.color_groups}, "
-            f"group_layout={self.group_layout!r}"
+            f"group_layout={self.group_layout!r}{self.schedule}"
         )
 
     def name(self, kind: str, b: int, channel: int, channels: int, r: int, c: int) -> str:
         group = int(_groups(channels, self.color_groups, self.group_layout)[channel])
-        return f"{kind} (image {b}, channel {channel} [group {group}], row {r}, col {c})"
+        step = "" if self.order is None else f", step {int(self.order[r, c])}"
+        return f"{kind} (image {b}, channel {channel} [group {group}], row {r}, col {c}{step})"
+
+    def set_schedule(self, schedule: Any, height: int, width: int) -> int:
+        """Check against ``schedule``'s order; returns its number of steps."""
+        rank = getattr(schedule, "rank", None)
+        if not isinstance(rank, Tensor):
+            rank = torch.full((height, width), -1, dtype=torch.long)
+            for t, step in enumerate(schedule):
+                for r, c in step:
+                    if not (0 <= r < height and 0 <= c < width) or rank[r, c] >= 0:
+                        raise ValueError(
+                            f"schedule step {t} has position {(r, c)} outside the "
+                            f"{height}x{width} image or already visited"
+                        )
+                    rank[r, c] = t
+        if tuple(rank.shape) != (height, width) or bool((rank < 0).any()):
+            raise ValueError(
+                f"schedule must visit every position of the {height}x{width} image once, but "
+                f"got one for {tuple(rank.shape)} or with positions never visited"
+            )
+        self.order = rank.long()
+        steps = int(rank.max()) + 1
+        self.schedule = f", in the order of {schedule!r} ({steps} sequential steps)"
+        return steps
 
 
 def _found(module: Any, name: str, valid: tuple[str, ...] | None) -> Any:
@@ -222,12 +254,16 @@ def assert_causal(
     complete: bool = False,
     labels: Tensor | None = None,
     cond: Tensor | None = None,
-) -> None:
+    schedule: Any = None,
+) -> int:
     """Raise ``AssertionError`` if any output depends on an input it must not see.
 
     Output channel o at pixel p may depend only on the same image's inputs at pixels
     before p, and at p on input groups ``< group(o)`` (mask type A) or ``<= group(o)``
-    (mask type B). Different images of a batch must not depend on each other.
+    (mask type B). Different images of a batch must not depend on each other. With
+    ``schedule``, "before p" means "in an earlier step of the schedule": passing proves
+    that an evaluator may compute each step from the steps before it (and, within a
+    pixel, colour groups in order).
 
     How it checks:
 
@@ -268,9 +304,16 @@ def assert_causal(
         complete: also require every allowed, reachable input to have influence.
         labels: class labels for a conditioned model, passed to ``forward``.
         cond: a conditioning map for a conditioned model, passed to ``forward``.
+        schedule: ``None`` (raster order) or a schedule for the input's ``(H, W)``: a
+            ``Schedule`` (``maskedconv.wavefront(model, (H, W))``) or any sequence of
+            steps, each a sequence of ``(row, col)``.
+
+    Returns:
+        The number of sequential steps of the order checked (H*W for raster).
 
     Raises:
-        AssertionError: naming the first offending output (in raster order) and input.
+        AssertionError: naming the first offending output (in raster order) and input,
+            with their steps when a schedule is given.
         ValueError: for a bad shape or argument, an input shape whose channels differ
             from the module's, or a Jacobian that would need more than 2 GiB.
 
@@ -283,6 +326,9 @@ def assert_causal(
     """
     rule = _Rule.resolve(module, mask_type, color_groups, group_layout)
     shape = _check_shape(module, input_shape)
+    steps = shape[2] * shape[3]
+    if schedule is not None and schedule != "raster":
+        steps = rule.set_schedule(schedule, shape[2], shape[3])
     if shape[0] == 1:
         shape = (2, *shape[1:])  # a leak between images needs two of them
     kwargs = _forward_kwargs(labels, cond, shape[0])
@@ -299,6 +345,7 @@ def assert_causal(
                 break
     if complete:
         _check_complete(module, shape, kwargs, rule, seed)
+    return steps
 
 
 def _is_training(module: Any) -> bool:

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "BiasAt",
     "ConditionBias",
     "Conditioning",
     "make_condition_bias",
@@ -149,17 +148,3 @@ def make_condition_bias(
     if num_classes is None and cond_channels is None:
         return None
     return ConditionBias(channels, num_classes, cond_channels)
-
-
-class BiasAt:
-    """A bias ``(B, C, 1 | H, 1 | W)`` read at one position: ``start_row`` then ``at(col)``."""
-
-    def __init__(self, bias: Tensor) -> None:
-        self.bias = bias.detach().permute(2, 3, 0, 1)  # (1 | H, 1 | W, B, C)
-        self.row = self.bias[0]
-
-    def start_row(self, row: int) -> None:
-        self.row = self.bias[row if len(self.bias) > 1 else 0]
-
-    def at(self, col: int) -> Tensor:
-        return self.row[col if len(self.row) > 1 else 0]

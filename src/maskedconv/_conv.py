@@ -16,15 +16,8 @@ from ._formulations import FORMULATIONS, ConvArgs
 from ._formulations import choose as choose_formulation
 from ._formulations import plan as formulation_plan
 from ._formulations import run as run_formulation
-from ._incremental import NoIncrementalPathError
-from ._masks import (
-    as_int,
-    check_group_layout,
-    group_split_error,
-    int_pair,
-    make_mask,
-    resolve_mask_type,
-)
+from ._checks import as_int, int_pair
+from ._masks import check_group_layout, group_split_error, make_mask, resolve_mask_type
 
 __all__ = ["MaskedConv2d", "masked_conv2d"]
 
@@ -309,23 +302,6 @@ class MaskedConv2d(nn.Conv2d):
         args = ConvArgs(input, self.weight, self.mask, self.bias, dilation, self.groups)
         return run_formulation(choose_formulation(self._plans, self._mask_id, args), *args)
 
-    def incremental(self, batch: int, width: int) -> _LinearStep | _SpatialStep:
-        """This conv evaluated one position at a time (see ``maskedconv._incremental``).
-
-        The step reads the weights as they are now; build a new one after training.
-
-        Args:
-            batch: B, the batch size of every step.
-            width: W, the image width.
-
-        Raises:
-            NoIncrementalPathError: for a dilated or grouped conv, or a mask that sees
-                below or right of the centre.
-        """
-        if self.kernel_size == (1, 1):
-            return _LinearStep(self)
-        return _SpatialStep(self, batch, width)
-
     def extra_repr(self) -> str:
         kind = (
             self.mask_type
@@ -337,96 +313,3 @@ class MaskedConv2d(nn.Conv2d):
             f"{base}, mask_type={kind}, color_groups={self.color_groups}, "
             f"group_layout={self.group_layout}"
         )
-
-
-class _LinearStep:
-    """A 1x1 masked conv at one position: ``x @ (weight * mask)^T + bias``."""
-
-    def __init__(self, conv: MaskedConv2d) -> None:
-        weight = (conv.weight * conv.mask).detach()[:, :, 0, 0]  # (O, I)
-        self.weight = weight.t().contiguous()  # (I, O)
-        self.bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(len(weight))
-
-    def start_row(self, row: int) -> None:
-        pass
-
-    def step(self, x: Tensor, col: int) -> Tensor:
-        return torch.addmm(self.bias, x, self.weight)
-
-    def write(self, x: Tensor, col: int) -> None:
-        pass
-
-
-class _SpatialStep:
-    """A kxk causal masked conv with a cache of its input's last ``kh // 2 + 1`` rows.
-
-    At the start of a row the rows above are final, so their contribution to every
-    column is one small convolution; each step adds the centre row's taps at one
-    position.
-    """
-
-    def __init__(self, conv: MaskedConv2d, batch: int, width: int) -> None:
-        if conv.dilation != (1, 1) or conv.groups != 1:
-            raise NoIncrementalPathError(
-                "a MaskedConv2d with dilation or groups has no incremental path"
-            )
-        kh, kw = conv.kernel_size
-        ch, cw = kh // 2, kw // 2
-        mask = conv.mask
-        if bool(mask[:, :, ch + 1 :].any()) or bool(mask[:, :, ch, cw + 1 :].any()):
-            raise NoIncrementalPathError(
-                "a MaskedConv2d whose mask sees below or right of the centre"
-            )
-        weight = (conv.weight * mask).detach()  # (O, I, kh, kw)
-        out_c, in_c = weight.shape[:2]
-        self.ch = ch
-        self.above = weight[:, :, :ch].contiguous() if ch else None  # (O, I, ch, kw)
-        # Centre row, taps left of and at the centre, as ((cw + 1) * I, O): the order
-        # of a (B, cw + 1, I) patch of the channels-last cache, flattened.
-        centre = weight[:, :, ch, : cw + 1].permute(0, 2, 1)  # (O, cw + 1, I)
-        self.centre = centre.reshape(out_c, -1).t().contiguous()
-        self.bias = None if conv.bias is None else conv.bias.detach()
-        # Input rows row-ch .. row, zero-padded by cw columns on each side, channels
-        # last so that a patch of the current row is a view, not a copy.
-        self.cache = weight.new_zeros(batch, ch + 1, width + 2 * cw, in_c)
-        self.row = weight.new_zeros(width, batch, out_c)
-        # Per column, views into the caches: where the input goes, the centre-row patch
-        # that ends at it (B, (cw + 1) * I), and the rows-above sum. Made once, so a
-        # step is two tensor ops.
-        current = self.cache[:, ch]  # (B, W + 2cw, I)
-        self.views = [
-            (current[:, col + cw], current[:, col : col + cw + 1].flatten(1), self.row[col])
-            for col in range(width)
-        ]
-
-    def start_row(self, row: int) -> None:
-        ch = self.ch
-        if ch:
-            self.cache[:, :ch] = self.cache[:, 1:].clone()
-        self.cache[:, ch].zero_()
-        if self.above is not None:
-            rows = self.cache[:, :ch].permute(0, 3, 1, 2)  # (B, I, ch, W + 2cw)
-            above = F.conv2d(rows, self.above)  # (B, O, 1, W)
-            self.row.copy_(above[:, :, 0].permute(2, 0, 1))  # (W, B, O)
-        else:
-            self.row.zero_()
-        if self.bias is not None:
-            self.row += self.bias
-
-    def add_to_row(self, extra: Tensor) -> None:
-        """Add ``extra``, ``(W | 1, B, O)``, to this row's outputs (after ``start_row``):
-        a term that the caller knows for the whole row, summed in the step's own matmul
-        instead of by an op per position."""
-        self.row += extra
-
-    def step(self, x: Tensor, col: int) -> Tensor:
-        slot, patch, above = self.views[col]
-        slot.copy_(x)
-        return torch.addmm(above, patch, self.centre)
-
-    def write(self, x: Tensor, col: int) -> None:
-        self.views[col][0].copy_(x)
-
-    def cache_bytes(self) -> int:
-        """Memory held by the caches, in bytes."""
-        return int(self.cache.numel() + self.row.numel()) * self.cache.element_size()

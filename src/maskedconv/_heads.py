@@ -20,21 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import positive_int
+
 __all__ = ["Categorical", "DiscretizedLogisticMixture", "OutputHead", "draw_from_log_probs"]
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, but got {value!r}")
-    return value
-
-
-def draw_from_log_probs(logits: Tensor, temperature: float, generator: torch.Generator) -> Tensor:
+def draw_from_log_probs(logits: Tensor, temperature: float, noise: Tensor) -> Tensor:
     """One draw per row of ``(B, n, K)`` logits from ``softmax(logits / temperature)``.
 
-    Inverse-CDF sampling: one uniform per draw, the index of the first cumulative
-    probability above it. Same distribution as ``torch.multinomial``, at a fraction of
-    its per-call cost for small batches.
+    Inverse-CDF sampling: the uniform ``noise[b, i]`` in ``[0, 1)`` picks the first level
+    whose cumulative probability is above it. Same distribution as ``torch.multinomial``,
+    at a fraction of its per-call cost, and the same draw for the same uniform whatever
+    order the positions are drawn in.
 
     Returns:
         ``(B, n)`` int64.
@@ -48,7 +45,7 @@ def draw_from_log_probs(logits: Tensor, temperature: float, generator: torch.Gen
         shifted = logits - logits.amax(-1, keepdim=True)
         logits = torch.where(shifted == 0, shifted, shifted / temperature)
     cdf = torch.softmax(logits, dim=-1).cumsum_(-1)  # (B, n, K)
-    u = torch.rand((*cdf.shape[:-1], 1), generator=generator, device=cdf.device, dtype=dtype)
+    u = noise.to(dtype).unsqueeze(-1).contiguous()  # (B, n, 1)
     # The number of cumulative values <= u; rounding can leave the last one just below
     # u: clamp to K - 1.
     draw = torch.searchsorted(cdf, u, right=True).squeeze_(-1)
@@ -56,11 +53,25 @@ def draw_from_log_probs(logits: Tensor, temperature: float, generator: torch.Gen
 
 
 class OutputHead(ABC):
-    """What a model needs of an output distribution; see the module docstring.
+    """The base of an output distribution; subclass it for a head of your own.
 
     Parameters come from the model's last layer as ``(B, P, *S)`` with
-    ``P = num_params(C)``, where ``*S`` is ``(H, W)`` for whole images and empty at one
-    position.
+    ``P = num_params(C)``, where ``*S`` is ``(H, W)`` for whole images, ``(n,)`` for the
+    n positions of a schedule step, and empty at single positions (``sample``).
+
+    A subclass must define ``levels`` (K), ``num_params``, ``log_prob`` and ``sample``;
+    ``default_color_groups``, ``check_color_groups``, ``arrange`` and ``config`` have
+    defaults (one group per channel; any G; the last layer's output as it is; not
+    storable in a config). ``model.save_pretrained`` needs ``config`` (a library head).
+
+    Example:
+        A softmax whose logits are halved (a head of your own)::
+
+            class Soft(Categorical):
+                def arrange(self, out, channels, group_layout):
+                    return super().arrange(out, channels, group_layout) / 2
+
+            model = PixelCNN(1, 4, head=Soft(4))
     """
 
     levels: int
@@ -100,18 +111,22 @@ class OutputHead(ABC):
         wanted: Tensor | None,
         *,
         channels: slice,
-        generator: torch.Generator,
+        noise: Tensor,
         temperature: float,
     ) -> Tensor:
-        """Draw the sub-pixels of ``channels`` at one position.
+        """Draw the sub-pixels of ``channels`` at N positions (N = batch x positions).
+
+        Each sub-pixel is drawn by the inverse CDF of its distribution given the ones
+        before it, from its own uniform in ``noise``: the same uniforms give the same
+        draws whatever the schedule.
 
         Args:
-            params: the parameters at one position, ``(B, ...)``.
-            given: ``(B, C)`` current values there; channels before ``channels`` are final.
-            wanted: ``(B, C)`` bool, the entries to draw (others keep ``given``), or
+            params: the parameters at N positions, ``(N, ...)``.
+            given: ``(N, C)`` current values there; channels before ``channels`` are final.
+            wanted: ``(N, C)`` bool, the entries to draw (others keep ``given``), or
                 ``None`` for all of ``channels``.
             channels: the channels of the colour group being drawn.
-            generator: the source of randomness.
+            noise: ``(N, C)`` uniforms in ``[0, 1)``, one per sub-pixel.
             temperature: > 0; divides the log-probabilities of the levels.
 
         Returns:
@@ -136,7 +151,7 @@ class Categorical(OutputHead):
     """
 
     def __init__(self, levels: int) -> None:
-        self.levels = _check_int("levels", levels, 2)
+        self.levels = positive_int("levels", levels, 2)
 
     def num_params(self, channels: int) -> int:
         return channels * self.levels
@@ -161,11 +176,11 @@ class Categorical(OutputHead):
         wanted: Tensor | None,
         *,
         channels: slice,
-        generator: torch.Generator,
+        noise: Tensor,
         temperature: float,
     ) -> Tensor:
         # Sub-pixels are independent given the parameters: one draw for the group.
-        return draw_from_log_probs(params[:, channels], temperature, generator)
+        return draw_from_log_probs(params[:, channels], temperature, noise[:, channels])
 
     def config(self) -> dict[str, Any]:
         return {"head": "categorical"}
@@ -197,8 +212,8 @@ class DiscretizedLogisticMixture(OutputHead):
     """
 
     def __init__(self, levels: int, num_mixtures: int = 5) -> None:
-        self.levels = _check_int("levels", levels, 2)
-        self.num_mixtures = _check_int("num_mixtures", num_mixtures, 1)
+        self.levels = positive_int("levels", levels, 2)
+        self.num_mixtures = positive_int("num_mixtures", num_mixtures, 1)
 
     def num_params(self, channels: int) -> int:
         return self.num_mixtures * (1 + 2 * channels + channels * (channels - 1) // 2)
@@ -287,7 +302,7 @@ class DiscretizedLogisticMixture(OutputHead):
         wanted: Tensor | None,
         *,
         channels: slice,
-        generator: torch.Generator,
+        noise: Tensor,
         temperature: float,
     ) -> Tensor:
         dtype = torch.promote_types(params.dtype, torch.float32)
@@ -301,7 +316,7 @@ class DiscretizedLogisticMixture(OutputHead):
             bins = self._bin_log_prob(levels, mean[..., None], log_scales[:, c, :, None])
             log_probs = torch.logsumexp(weights[..., None] + bins, dim=1)  # (B, K)
             log_probs = log_probs - torch.logsumexp(weights, dim=1, keepdim=True)
-            draw = draw_from_log_probs(log_probs[:, None], temperature, generator)[:, 0]
+            draw = draw_from_log_probs(log_probs[:, None], temperature, noise[:, c : c + 1])[:, 0]
             if wanted is not None:
                 draw = torch.where(wanted[:, c], draw, given[:, c])
             values[:, c] = draw

@@ -25,12 +25,13 @@ Everything here is a pure function returning a new tensor.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from ._checks import int_pair
 
 __all__ = [
     "GROUP_LAYOUTS",
@@ -241,28 +242,6 @@ def resolve_mask_type(mask_type: str | Callable[..., Tensor]) -> Callable[..., T
         f"mask_type must be one of {tuple(MASK_TYPES)} or a callable, "
         f"but got {type(mask_type).__name__} {mask_type!r}"
     )
-
-
-def as_int(name: str, value: object) -> int:
-    """An int (numpy integers too, as ``nn.Conv2d`` takes them), else a ``TypeError``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, but got {value!r}")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(
-            f"{name} must be an int, but got {type(value).__name__} {value!r}"
-        ) from None
-
-
-def int_pair(name: str, value: object) -> tuple[int, int]:
-    """An int or a pair of ints, as ``nn.Conv2d`` takes ``kernel_size`` and ``dilation``."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{name} must be an int or a pair of ints, but got {value!r}")
-        return as_int(name, value[0]), as_int(name, value[1])
-    one = as_int(name, value)
-    return one, one
 
 
 def make_mask(

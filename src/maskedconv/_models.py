@@ -1,7 +1,8 @@
-"""Models: stem -> trunk -> head; the shared base and the PixelCNN.
+"""The base of every model: stem -> trunk -> head, its config, and what models share.
 
 * stem: how integer images enter (``input="scaled"`` or ``"embedding"``);
-* trunk: the causal layers, a type-A conv, residual blocks, two 1x1 type-B convs;
+* trunk: a list of causal units (``maskedconv._steps``), declared once by each model;
+  the whole-image forward and the step-by-step evaluators are both folds over it;
 * head: the output distribution (``head="categorical"``, ``"dmol"`` or an instance).
 """
 
@@ -12,39 +13,25 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._blocks import BottleneckBlock, ResidualBlock
-from ._conditioning import (
-    BiasAt,
-    ConditionBias,
-    Conditioning,
-    make_condition_bias,
-    prepare_conditioning,
-)
-from ._conv import MaskedConv2d, refuse_torchscript
+from ._checks import positive_int
+from ._conditioning import ConditionBias, Conditioning, make_condition_bias, prepare_conditioning
+from ._conv import refuse_torchscript
+from ._evaluation import sample as _sample
 from ._heads import HEADS, OutputHead
-from ._incremental import IncrementalStep, NoIncrementalPathError, cache_bytes, step_of
 from ._masks import check_group_layout, group_split_error
 from ._pretrained import read_config, read_weights
 from ._pretrained import save_pretrained as _save_pretrained
-from ._sampling import sample as _sample
+from ._steps import CausalUnit, NoIncrementalPathError
 from ._stems import STEMS, EmbeddingInput, ScaledInput
 
-__all__ = ["AutoregressiveModel", "ModelConfig", "PixelCNN", "PixelCNNConfig", "nll_per_dim"]
+__all__ = ["AutoregressiveModel", "ModelConfig", "nll_per_dim", "rename_keys"]
 
-_BLOCKS = {"residual": ResidualBlock, "bottleneck": BottleneckBlock}
 _Model = TypeVar("_Model", bound="AutoregressiveModel")
-
-
-def _positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, but got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -67,11 +54,11 @@ class ModelConfig:
     cond_channels: int | None = None  # M: condition on a map (B, M, h, w)
 
     def __post_init__(self) -> None:
-        _positive_int("in_channels", self.in_channels)
-        _positive_int("levels", self.levels, 2)
-        _positive_int("hidden_channels", self.hidden_channels)
-        _positive_int("num_layers", self.num_layers)
-        _positive_int("kernel_size", self.kernel_size)
+        positive_int("in_channels", self.in_channels)
+        positive_int("levels", self.levels, 2)
+        positive_int("hidden_channels", self.hidden_channels)
+        positive_int("num_layers", self.num_layers)
+        positive_int("kernel_size", self.kernel_size)
         if self.kernel_size % 2 == 0:
             raise ValueError(
                 "kernel_size must be odd so that the kernel has a centre tap, "
@@ -79,7 +66,7 @@ class ModelConfig:
             )
         head = self.make_head()
         groups = self.groups
-        _positive_int("color_groups", groups)
+        positive_int("color_groups", groups)
         if self.in_channels % groups:
             raise ValueError(
                 f"color_groups must divide in_channels={self.in_channels}, but got {groups}; "
@@ -101,10 +88,10 @@ class ModelConfig:
                     f"embedding_dim applies to input='embedding' only, but got "
                     f"embedding_dim={self.embedding_dim} with input={self.input!r}"
                 )
-            _positive_int("embedding_dim", self.embedding_dim)
+            positive_int("embedding_dim", self.embedding_dim)
         for name in ("num_classes", "cond_channels"):
             if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
+                positive_int(name, getattr(self, name))
 
     def _check_trunk(self, groups: int) -> None:
         if self.hidden_channels % groups:
@@ -115,22 +102,18 @@ class ModelConfig:
         if isinstance(self.head, str):
             if self.head not in HEADS:
                 raise ValueError(
-                    f"head must be one of {tuple(HEADS)} or an output distribution instance, "
+                    f"head must be one of {tuple(HEADS)} or an OutputHead instance, "
                     f"but got {self.head!r}"
                 )
-            _positive_int("num_mixtures", self.num_mixtures)
+            positive_int("num_mixtures", self.num_mixtures)
             if self.head == "dmol":
                 return HEADS["dmol"](self.levels, self.num_mixtures)  # type: ignore[call-arg]
             return HEADS[self.head](self.levels)  # type: ignore[call-arg]
         head = self.head
-        missing = [
-            n for n in ("num_params", "log_prob", "sample", "levels") if not hasattr(head, n)
-        ]
-        if missing:
+        if not isinstance(head, OutputHead):
             raise TypeError(
-                f"head must be one of {tuple(HEADS)} or an output distribution instance "
-                f"(with num_params, log_prob, sample and levels), but got "
-                f"{type(head).__name__} without {', '.join(missing)}"
+                f"head must be one of {tuple(HEADS)} or an OutputHead instance (subclass "
+                f"maskedconv.OutputHead for a head of your own), but got {type(head).__name__}"
             )
         if head.levels != self.levels:
             raise ValueError(
@@ -157,43 +140,17 @@ class ModelConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-@dataclass(frozen=True)
-class PixelCNNConfig(ModelConfig):
-    """Everything needed to rebuild a ``PixelCNN``; plain values, safe to save.
-
-    Defaults are the design blog's binary-MNIST model. A 0.1 config (without the
-    head, input and conditioning fields) still loads.
-    """
-
-    block: str = "residual"  # "residual" (design blog) or "bottleneck" (course solution)
-
-    def _check_trunk(self, groups: int) -> None:
-        if self.kernel_size < 3:
-            raise ValueError(
-                f"kernel_size must be >= 3: with 1 the type-A conv sees no other pixel, so the "
-                f"model would never see the image's past, but got {self.kernel_size}"
-            )
-        if self.block not in _BLOCKS:
-            raise ValueError(f"block must be one of {tuple(_BLOCKS)}, but got {self.block!r}")
-        divisor = 2 * groups if self.block == "bottleneck" and self.num_layers > 1 else groups
-        if self.hidden_channels % divisor:
-            text = (
-                f"2 * color_groups = {divisor} (the bottleneck block halves it)"
-                if divisor != groups
-                else None
-            )
-            raise group_split_error("hidden_channels", self.hidden_channels, divisor, text)
-
-
 class AutoregressiveModel(nn.Module):
     """What every model shares: the stem, the head, conditioning, the image checks,
     ``forward``, ``log_prob``, ``sample`` and the config round trip.
 
-    A subclass builds its trunk in ``__init__`` (after ``_build_common``) and
-    implements ``forward_features`` and ``incremental``.
+    A subclass builds ``self.trunk``, an ``nn.ModuleList`` of causal units, in
+    ``__init__`` (after ``_build_common``), and lists its older parameter names in
+    ``_legacy_names``: nothing else. ``forward`` and the evaluators fold the trunk.
     """
 
     config_class: type[ModelConfig] = ModelConfig
+    trunk: nn.ModuleList
     causal_rows = True
     """Output rows <= r depend only on input rows <= r, so a sampler may crop below r."""
 
@@ -218,6 +175,7 @@ class AutoregressiveModel(nn.Module):
                 config.in_channels, config.levels, config.stem_dim, config.group_layout
             )
         )
+        self.register_load_state_dict_pre_hook(_rename_on_load)  # type: ignore[no-untyped-call]
         return config
 
     def _condition_bias(self, channels: int) -> ConditionBias | None:
@@ -265,7 +223,7 @@ class AutoregressiveModel(nn.Module):
             model: _Model = cls.from_config(config)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{Path(directory) / 'config.json'}: {err}") from None
-        tensors = read_weights(directory, model.state_dict(), device)
+        tensors = read_weights(directory, model.state_dict(), device, model._rename_legacy)
         dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
         model.to(device=device, dtype=dtypes.pop() if len(dtypes) == 1 else None)
         model.load_state_dict(tensors)
@@ -312,8 +270,43 @@ class AutoregressiveModel(nn.Module):
         )
 
     def forward_features(self, h: Tensor, cond: Conditioning | None = None) -> Tensor:
-        """The head's parameters from the stem's output ``(B, F, H, W)``."""
-        raise NotImplementedError
+        """The head's parameters from the stem's output: the fold of the trunk.
+
+        Args:
+            h: ``(B, F, H, W)`` float, as ``model.stem(x)`` makes it (``F = C`` for the
+                scaled stem, ``C * D`` for the embedding).
+            cond: the checked conditioning (``conditioning``), or ``None``.
+
+        Returns:
+            The head's parameters: ``(B, C, K, H, W)`` logits for the categorical head,
+            ``(B, P, H, W)`` for the mixture.
+        """
+        x: Any = h
+        rows: Tensor | None = None
+        for unit in self.trunk:
+            x, rows = unit(x, rows, cond)
+        return self.head.arrange(x, self.in_channels, self.group_layout)
+
+    def units(self) -> list[CausalUnit]:
+        """The trunk's units, for the evaluators.
+
+        Raises:
+            NoIncrementalPathError: for a subclass that changes ``forward`` (the units
+                would no longer compute it).
+        """
+        cls = type(self)
+        base = AutoregressiveModel
+        if cls.forward is not base.forward or cls.forward_features is not base.forward_features:
+            raise NoIncrementalPathError(f"{cls.__name__} overrides forward")
+        return list(self.trunk)
+
+    def _legacy_names(self) -> list[tuple[str, str]]:
+        """``(old prefix, new prefix)`` pairs that rename an older release's state_dict."""
+        return []
+
+    def _rename_legacy(self, state_dict: dict[str, Tensor], prefix: str = "") -> None:
+        rename_keys(state_dict, prefix, self._legacy_names())
+
 
     def forward(
         self, x: Tensor, labels: Tensor | None = None, cond: Tensor | None = None
@@ -387,23 +380,6 @@ class AutoregressiveModel(nn.Module):
             )
         return out
 
-    def _check_own_forward(self, base: type[AutoregressiveModel]) -> None:
-        cls = type(self)
-        if cls.forward is not base.forward or cls.forward_features is not base.forward_features:
-            raise NoIncrementalPathError(f"{cls.__name__} overrides forward")
-
-    def _step_conditioning(
-        self,
-        batch: int,
-        width: int,
-        height: int | None,
-        labels: Tensor | None,
-        cond: Tensor | None,
-    ) -> Conditioning | None:
-        if cond is not None and height is None:
-            raise ValueError("incremental() needs height= to resize a conditioning map")
-        return self.conditioning(labels, cond, batch, (height or 1, width))
-
     def sample(
         self,
         num_samples: int | None = None,
@@ -416,7 +392,7 @@ class AutoregressiveModel(nn.Module):
             num_samples: B; omit when completing an image given as ``x=``.
             image_size: ``(H, W)``; omit when completing an image given as ``x=``.
             **kwargs: ``generator``, ``temperature``, ``x``, ``known``, ``method``,
-                ``labels``, ``cond``.
+                ``schedule``, ``labels``, ``cond``, ``progress``.
 
         Returns:
             ``(B, C, H, W)`` int64 images on the model's device.
@@ -437,220 +413,22 @@ class AutoregressiveModel(nn.Module):
         return _sample(self, shape, **kwargs)
 
 
-class PixelCNN(AutoregressiveModel):
-    """A PixelCNN over integer images with ``levels`` values per sub-pixel.
-
-    Architecture (van den Oord et al., "Pixel Recurrent Neural Networks", 2016, as in
-    the design blog), stem -> trunk -> head::
-
-        stem                             scaled levels, or a learned embedding per channel
-        kxk conv, type A, C -> h         ReLU
-        (num_layers - 1) x block         [1x1 B -> ReLU -> kxk B -> ReLU -> 1x1 B -> ReLU] + skip
-        1x1 conv, type B, h -> h         ReLU
-        1x1 conv, type B, h -> P         the head's parameters
-        head                             softmax over K levels, or a logistic mixture
-
-    ``block="bottleneck"`` swaps in the Berkeley course solution's block
-    (``BottleneckBlock``). With ``color_groups = C`` channels are
-    generated in order R -> G -> B within each pixel; with ``color_groups = 1`` they
-    are independent given the previous pixels (or, with ``head="dmol"``, coupled by
-    the head itself). With conditioning, a learned bias is added before the first
-    conv's, each block's middle and the hidden conv's nonlinearity. Stacked masks
-    leave a blind spot above and to the right (see ``receptive_field``);
-    ``GatedPixelCNN`` has none.
-
-    Args:
-        in_channels: image channels C.
-        levels: values a sub-pixel takes, K >= 2.
-        hidden_channels: width h of the hidden layers; divisible by ``color_groups``.
-        num_layers: the first conv plus ``num_layers - 1`` blocks.
-        kernel_size: odd size of the type-A conv and the blocks' middle convs.
-        color_groups: ordered channel groups G; ``None``: C for the categorical head,
-            1 for the mixture.
-        group_layout: ``"blocked"`` or ``"interleaved"``.
-        head: ``"categorical"`` (``Categorical``), ``"dmol"``
-            (``DiscretizedLogisticMixture``) or an instance of either.
-        num_mixtures: mixture components M of ``head="dmol"``.
-        input: ``"scaled"`` (levels are intensities, mapped to ``[-1, 1]``) or
-            ``"embedding"`` (levels are unordered codes, each with a learned vector).
-        embedding_dim: D, the embedding size per channel; ``None``:
-            ``hidden_channels // in_channels``.
-        num_classes: N, to condition on class labels ``(B,)``.
-        cond_channels: M, to condition on a map ``(B, M, h, w)``.
-        block: ``"residual"`` or ``"bottleneck"``.
-
-    Example:
-        >>> model = PixelCNN(1, 2, hidden_channels=16, num_layers=2)
-        >>> x = torch.randint(0, 2, (4, 1, 8, 8))
-        >>> model(x).shape  # (B, C, K, H, W)
-        torch.Size([4, 1, 2, 8, 8])
-        >>> model.log_prob(x).shape
-        torch.Size([4])
-    """
-
-    config_class = PixelCNNConfig
-    config: PixelCNNConfig
-    input_condition: ConditionBias | None
-    hidden_condition: ConditionBias | None
-
-    def __init__(
-        self,
-        in_channels: int,
-        levels: int,
-        *,
-        hidden_channels: int = 64,
-        num_layers: int = 5,
-        kernel_size: int = 7,
-        color_groups: int | None = None,
-        group_layout: str = "blocked",
-        head: Literal["categorical", "dmol"] | str | OutputHead = "categorical",
-        num_mixtures: int = 5,
-        input: Literal["scaled", "embedding"] | str = "scaled",
-        embedding_dim: int | None = None,
-        num_classes: int | None = None,
-        cond_channels: int | None = None,
-        block: Literal["residual", "bottleneck"] | str = "residual",
-    ) -> None:
-        arguments = dict(locals())
-        super().__init__()
-        self._build_common(arguments)
-        opts: dict[str, Any] = dict(color_groups=self.color_groups, group_layout=group_layout)
-        h = hidden_channels
-        stem_channels = self.stem.out_channels(in_channels)
-        self.input_conv = MaskedConv2d(stem_channels, h, kernel_size, mask_type="A", **opts)
-        self.input_condition = self._condition_bias(h)
-        block_cls = _BLOCKS[block]
-        self.blocks = nn.ModuleList(
-            block_cls(h, kernel_size, num_classes=num_classes, cond_channels=cond_channels, **opts)
-            for _ in range(num_layers - 1)
-        )
-        self.hidden_conv = MaskedConv2d(h, h, 1, mask_type="B", **opts)
-        self.hidden_condition = self._condition_bias(h)
-        self.output_conv = MaskedConv2d(h, self.head.num_params(in_channels), 1, **opts)
-        self.register_load_state_dict_pre_hook(_load_0_1_keys)  # type: ignore[no-untyped-call]
-
-    def forward_features(self, h: Tensor, cond: Conditioning | None = None) -> Tensor:
-        """The head's parameters from the stem's output.
-
-        Args:
-            h: ``(B, F, H, W)`` float, as ``model.stem(x)`` makes it (``F = C`` for the
-                scaled stem, ``C * D`` for the embedding).
-            cond: the checked conditioning (``conditioning``), or ``None``.
-
-        Returns:
-            The head's parameters: ``(B, C, K, H, W)`` logits for the categorical head,
-            ``(B, P, H, W)`` for the mixture.
-        """
-        h = self.input_conv(h)
-        if self.input_condition is not None and cond is not None:
-            h = h + self.input_condition(cond)
-        h = F.relu(h)
-        for block in self.blocks:
-            h = block(h, cond)
-        h = self.hidden_conv(h)
-        if self.hidden_condition is not None and cond is not None:
-            h = h + self.hidden_condition(cond)
-        out = self.output_conv(F.relu(h))  # (B, P, H, W)
-        return self.head.arrange(out, self.in_channels, self.group_layout)
-
-    def incremental(
-        self,
-        batch: int,
-        width: int,
-        *,
-        height: int | None = None,
-        labels: Tensor | None = None,
-        cond: Tensor | None = None,
-    ) -> IncrementalStep:
-        """This model evaluated one pixel at a time, for samplers and decoders.
-
-        The step maps a pixel's integer values ``(B, C)`` to the head's parameters
-        there (``(B, C, K)`` or ``(B, P)``); see ``IncrementalEvaluator``
-        for the public way to drive it.
-
-        Args:
-            batch: B.
-            width: W.
-            height: H; needed with a conditioning map.
-            labels: class labels, as for ``forward``.
-            cond: conditioning map, as for ``forward``.
-
-        Raises:
-            NoIncrementalPathError: if a subclass changes ``forward``, or a layer has no
-                incremental path.
-        """
-        self._check_own_forward(PixelCNN)
-        conditioning = self._step_conditioning(batch, width, height, labels, cond)
-        return _PixelCNNStep(self, batch, width, conditioning)
+def _rename_on_load(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    assert isinstance(module, AutoregressiveModel)
+    module._rename_legacy(state_dict, prefix)
 
 
-class _PixelCNNStep:
-    """A ``PixelCNN`` composed of its layers' incremental steps."""
-
-    def __init__(self, model: PixelCNN, batch: int, width: int, cond: Conditioning | None) -> None:
-        self.model = model
-        self.stem = step_of(model.stem, batch, width)
-        self.input_conv = step_of(model.input_conv, batch, width)
-        self.blocks: list[IncrementalStep] = [
-            block.incremental(batch, width, cond)
-            for block in cast("list[ResidualBlock | BottleneckBlock]", list(model.blocks))
-        ]
-        self.hidden_conv = step_of(model.hidden_conv, batch, width)
-        self.output_conv = step_of(model.output_conv, batch, width)
-        self.layers = [self.input_conv, *self.blocks, self.hidden_conv, self.output_conv]
-        self.biases = [
-            BiasAt(bias(cond)) if bias is not None and cond is not None else None
-            for bias in (model.input_condition, model.hidden_condition)
-        ]
-
-    def start_row(self, row: int) -> None:
-        for layer in self.layers:
-            layer.start_row(row)
-        for bias in self.biases:
-            if bias is not None:
-                bias.start_row(row)
-
-    def step(self, x: Tensor, col: int) -> Tensor:
-        input_bias, hidden_bias = self.biases
-        h = self.input_conv.step(self.stem.step(x, col), col)
-        if input_bias is not None:
-            h = h + input_bias.at(col)
-        h = h.relu_()
-        for block in self.blocks:
-            h = block.step(h, col)
-        h = self.hidden_conv.step(h, col)
-        if hidden_bias is not None:
-            h = h + hidden_bias.at(col)
-        out = self.output_conv.step(h.relu_(), col)  # (B, P)
-        model = self.model
-        return model.head.arrange(out, model.in_channels, model.group_layout)
-
-    def write(self, x: Tensor, col: int) -> None:
-        # Only the type-A conv sees a pixel's own input, and none of its outputs there
-        # sees the last group: after that group's step, everything else is final.
-        self.input_conv.write(self.stem.step(x, col), col)
-
-    def cache_bytes(self) -> int:
-        """Memory held by the caches, in bytes."""
-        return sum(cache_bytes(layer) for layer in self.layers)
-
-
-def _load_0_1_keys(
-    module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any
-) -> None:
-    """Rename a 0.1 state_dict's ``net.<i>`` keys to the layers they now have."""
-    old = prefix + "net."
-    if not any(key.startswith(old) for key in state_dict):
-        return
-    assert isinstance(module, PixelCNN)
-    # 0.1: net = [type-A conv, ReLU, *blocks, 1x1 conv, ReLU, 1x1 conv]
-    blocks = len(module.blocks)
-    names = {0: "input_conv", blocks + 2: "hidden_conv", blocks + 4: "output_conv"}
-    names.update({2 + i: f"blocks.{i}" for i in range(blocks)})
-    for key in [k for k in state_dict if k.startswith(old)]:
-        index, _, rest = key[len(old) :].partition(".")
-        if index.isdigit() and int(index) in names:
-            state_dict[prefix + names[int(index)] + "." + rest] = state_dict.pop(key)
+def rename_keys(state_dict: dict[str, Tensor], prefix: str, names: list[tuple[str, str]]) -> None:
+    """Rename, in place, every key that starts with ``prefix + old`` to ``prefix + new``
+    (the first pair that matches)."""
+    for key in list(state_dict):
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix) :]
+        for old, new in names:
+            if rest.startswith(old):
+                state_dict[prefix + new + rest[len(old) :]] = state_dict.pop(key)
+                break
 
 
 def nll_per_dim(

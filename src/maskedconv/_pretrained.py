@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +64,8 @@ def save_pretrained(
         if not isinstance(value, str | int | float | bool | type(None)):
             raise TypeError(
                 f"save_pretrained writes plain config values only, but {name} is a "
-                f"{type(value).__name__}; a custom head cannot be saved by name: save the "
-                f"state_dict and rebuild the model yourself"
+                f"{type(value).__name__}; a custom head or block cannot be saved by name: "
+                f"save the state_dict and rebuild the model yourself"
             )
     from safetensors.torch import save
 
@@ -123,10 +123,14 @@ def read_config(
 
 
 def read_weights(
-    directory: str | os.PathLike[str], expected: Mapping[str, Tensor], device: torch.device | str
+    directory: str | os.PathLike[str],
+    expected: Mapping[str, Tensor],
+    device: torch.device | str,
+    rename: Callable[[dict[str, Tensor]], None] | None = None,
 ) -> dict[str, Tensor]:
     """The tensors of ``model.safetensors``, checked against ``expected`` (a state_dict):
-    every missing, unexpected or mis-shaped tensor is named."""
+    every missing, unexpected or mis-shaped tensor is named. ``rename`` gives an older
+    release's names their current ones first."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -137,6 +141,8 @@ def read_weights(
         tensors = load_file(path, device=str(device))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+    if rename is not None:
+        rename(tensors)
     problems = []
     expected = {k: v for k, v in expected.items() if isinstance(v, Tensor)}
     missing = sorted(set(expected) - set(tensors))

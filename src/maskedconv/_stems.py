@@ -15,8 +15,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._incremental import IncrementalStep, Pointwise
-
 __all__ = ["STEMS", "EmbeddingInput", "ScaledInput"]
 
 
@@ -37,9 +35,6 @@ class ScaledInput(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x.to(self.anchor.dtype) * (2.0 / (self.levels - 1)) - 1.0
 
-    def incremental(self, batch: int, width: int) -> IncrementalStep:
-        table = self(torch.arange(self.levels, device=self.anchor.device))  # (K,)
-        return Pointwise(table.__getitem__)
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}"
@@ -97,8 +92,6 @@ class EmbeddingInput(nn.Module):
             order = (0, last, *range(1, last))  # (B, D, C, *S)
         return vectors.permute(order).reshape(b, -1, *spatial)
 
-    def incremental(self, batch: int, width: int) -> IncrementalStep:
-        return Pointwise(self)
 
     def extra_repr(self) -> str:
         return (

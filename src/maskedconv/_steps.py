@@ -1,0 +1,233 @@
+"""The unit protocol: a causal unit owns its whole-image ``forward`` and its step.
+
+A model's trunk is a list of **causal units**. Each unit maps a *main stream* (what
+every position computes in order: a tensor, or a tuple of them) and an optional *row
+stream* (values that depend only on rows strictly above, as the gated vertical stack's):
+
+* ``forward(x, rows, cond) -> (x, rows)`` on whole images, ``(B, C, H, W)``;
+* ``incremental(context, rows) -> UnitStep``: the same unit evaluated a schedule step at
+  a time (Ramachandran et al., "Fast Generation for Convolutional Autoregressive
+  Models", 2017). ``rows`` is the row plan of the unit before (``None``: no row stream).
+
+A ``UnitStep`` (see its docstring) computes the unit's outputs at the positions of step
+t only, from caches of its inputs: tensors there are ``(B, n, C)``, the step's n
+positions, channels last. The evaluator folds the steps of the trunk exactly as
+``forward`` folds the units; it knows this protocol and a schedule, never a unit class.
+Every unit's step is tested against its forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._conditioning import Conditioning
+from ._conv import MaskedConv2d
+from ._schedules import Plan, Positions, Schedule, row_plan
+
+__all__ = [
+    "BiasStep",
+    "CausalUnit",
+    "ConvStep",
+    "NoIncrementalPathError",
+    "RowStream",
+    "StepContext",
+    "UnitStep",
+]
+
+
+class NoIncrementalPathError(ValueError):
+    """A unit or model has no exact step-by-step path; the message says why."""
+
+
+@dataclass
+class RowStream:
+    """Where a row stream's values are computed: its plan (positions per step) and its
+    ``(T, H)`` frontier (how many leading columns of each row are done after step t)."""
+
+    plan: Plan
+    frontier: Tensor
+    key: tuple[Any, ...] = ()
+
+
+@dataclass
+class StepContext:
+    """What every unit's step is built for: the batch, the schedule, the conditioning."""
+
+    batch: int
+    schedule: Schedule
+    cond: Conditioning | None
+
+    def row_stream(
+        self, source: RowStream | None, rows_read: tuple[int, ...], right: int
+    ) -> RowStream:
+        """The plan of a row stream that reads ``source`` (``None``: the image itself) at
+        rows ``r - d`` (d in ``rows_read``) and up to ``right`` columns right. Kept with
+        the schedule, so that its index tensors are made once."""
+        key = (*(source.key if source is not None else ("image",)), rows_read, right)
+        kept: dict[Any, RowStream] = self.schedule.__dict__.setdefault("_row_streams", {})
+        found = kept.get(key)
+        if found is None:
+            frontier = self.schedule.image_frontier if source is None else source.frontier
+            plan, out = row_plan(frontier, rows_read, right, self.schedule.width)
+            found = kept[key] = RowStream(plan, out, key)
+        return found
+
+
+class UnitStep:
+    """A unit evaluated one schedule step at a time. Subclasses override ``step``.
+
+    * ``advance_rows(t, rows)``: once at the start of step t, before any ``step``: takes
+      the row stream's values that the unit before computed in this step (at its
+      ``rows.plan[t]``) and returns this unit's (``None`` where there are none). The
+      default passes the stream on.
+    * ``step(x, t)``: the main stream at step t's positions, ``(B, n, C_in)`` ->
+      ``(B, n, C_out)`` (or tuples); called once per colour group, with the positions'
+      latest values; it stores what later steps read.
+    * ``write(x, t)``: the final input at step t's positions, where the caller promises
+      that nothing at them depends on what changed since the last ``step`` (only the
+      first unit gets it). The default runs ``step``.
+    * ``rows``: the ``RowStream`` of the row values it returns (or passes on).
+    """
+
+    rows: RowStream | None = None
+
+    def advance_rows(self, t: int, rows: Any) -> Any:
+        return rows
+
+    def step(self, x: Any, t: int) -> Any:
+        raise NotImplementedError
+
+    def write(self, x: Any, t: int) -> None:
+        self.step(x, t)
+
+    def cache_bytes(self) -> int:
+        """Memory held by the caches, in bytes."""
+        return 0
+
+
+class CausalUnit(nn.Module):
+    """A unit of a model's trunk; see the module docstring for the protocol.
+
+    A subclass defines ``forward(x, rows, cond) -> (x, rows)`` on whole images and
+    ``incremental(context, rows) -> UnitStep``. ``cond`` is the checked conditioning or
+    ``None`` (a conditioned unit then adds no bias).
+    """
+
+    def forward(self, x: Any, rows: Tensor | None = None, cond: Conditioning | None = None) -> Any:
+        raise NotImplementedError
+
+    def incremental(self, context: StepContext, rows: RowStream | None) -> UnitStep:
+        raise NoIncrementalPathError(f"{type(self).__name__} has no incremental step")
+
+
+class ConvStep:
+    """A ``MaskedConv2d`` (or ``nn.Conv2d``) at a set of positions, from a cache of its input.
+
+    The cache is the input image, zero-padded and channels last, ``(B, Hp*Wp, C_in)``;
+    each call puts the positions' inputs in it and reads, for each position, the taps
+    the mask keeps: one gather and one matmul ``(B*n, taps*C_in) @ (taps*C_in, C_out)``.
+    A 1x1 conv keeps no cache. The weights are read when the step is built.
+    """
+
+    def __init__(self, conv: nn.Conv2d, context: StepContext, height: int, width: int) -> None:
+        weight = conv.weight.detach()
+        if isinstance(conv, MaskedConv2d):
+            weight = weight * conv.mask
+        if conv.groups != 1:  # a grouped conv as the dense conv it equals
+            out_c, per_group = weight.shape[:2]
+            dense = weight.new_zeros(out_c, per_group * conv.groups, *weight.shape[2:])
+            step = out_c // conv.groups
+            for g in range(conv.groups):
+                chunk = slice(g * per_group, (g + 1) * per_group)
+                dense[g * step : (g + 1) * step, chunk] = weight[g * step : (g + 1) * step]
+            weight = dense
+        out_c, in_c, kh, kw = weight.shape
+        self.out_channels = out_c
+        self.bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(out_c)
+        taps = torch.nonzero(weight.ne(0).any(0).any(0)).tolist()  # kept (i, j), raster
+        self.spatial = (kh, kw) != (1, 1)
+        if not self.spatial:
+            self.weight = weight[:, :, 0, 0].t().contiguous()  # (I, O)
+            return
+        dh, dw = (int(d) for d in conv.dilation)
+        ph, pw = dh * (kh // 2), dw * (kw // 2)
+        padded_w = width + 2 * pw
+        self.key = (padded_w, ph, pw)
+        offsets = [i * dh * padded_w + j * dw for i, j in taps] or [ph * padded_w + pw]
+        self.offsets = torch.tensor(offsets)
+        if not taps:  # the mask keeps nothing: read one (zero-weighted) tap
+            taps = [(kh // 2, kw // 2)]
+        # (O, I, T) -> (T*I, O): the order of a (B, n, T, I) patch, flattened.
+        kept = torch.stack([weight[:, :, i, j] for i, j in taps], dim=2)
+        self.weight = kept.permute(2, 1, 0).reshape(len(taps) * in_c, out_c).contiguous()
+        self.cache = weight.new_zeros(context.batch, (height + 2 * ph) * padded_w, in_c)
+        self.taps = len(taps)
+
+    def _put_index(self, at: Positions) -> Tensor:
+        padded_w, ph, pw = self.key
+        return at.derived(
+            ("put", self.key),
+            self.cache.device,
+            lambda p: (p.rows + ph) * padded_w + p.cols + pw,
+        )
+
+    def _read_index(self, at: Positions) -> Tensor:
+        padded_w = self.key[0]
+        offsets = self.offsets
+        return at.derived(
+            ("read", self.key, tuple(offsets.tolist())),
+            self.cache.device,
+            lambda p: ((p.rows * padded_w + p.cols).unsqueeze(1) + offsets).flatten(),
+        )
+
+    def write(self, x: Tensor, at: Positions) -> None:
+        """Store the input ``(B, n, C_in)`` at ``at``."""
+        if self.spatial:
+            self.cache.index_copy_(1, self._put_index(at), x)
+
+    def read(self, at: Positions) -> Tensor:
+        """The conv's output ``(B, n, C_out)`` at ``at`` from the cache (a k x k conv only)."""
+        batch, n = self.cache.shape[0], len(at)
+        patches = self.cache.index_select(1, self._read_index(at))  # (B, n*T, I)
+        return torch.addmm(self.bias, patches.view(batch * n, -1), self.weight).view(batch, n, -1)
+
+    def __call__(self, x: Tensor, at: Positions, *, relu: bool = False) -> Tensor:
+        """The conv's output ``(B, n, C_out)`` at ``at``, from the input ``(B, n, C_in)``
+        there; ``relu`` applies a ReLU in the same op."""
+        if self.spatial:
+            self.write(x, at)
+            batch, n = self.cache.shape[0], len(at)
+            x = self.cache.index_select(1, self._read_index(at))  # (B, n*T, I)
+        else:
+            batch, n = x.shape[:2]
+        flat = x.view(batch * n, -1) if x.is_contiguous() else x.reshape(batch * n, -1)
+        if relu:
+            out = torch._addmm_activation(self.bias, flat, self.weight)
+        else:
+            out = torch.addmm(self.bias, flat, self.weight)
+        return out.view(batch, n, -1)
+
+    def cache_bytes(self) -> int:
+        if not self.spatial:
+            return 0
+        return int(self.cache.numel() * self.cache.element_size())
+
+
+class BiasStep:
+    """A conditioning bias ``(B, C, 1 | H, 1 | W)`` read at a step's positions, ``(B, n | 1, C)``."""
+
+    def __init__(self, bias: Tensor) -> None:
+        batch, channels, height, width = bias.shape
+        self.spatial = height * width > 1
+        self.bias = bias.detach().permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        if self.spatial:
+            self.width = width
+
+    def __call__(self, at: Positions) -> Tensor:
+        if not self.spatial:
+            return self.bias
+        return self.bias.index_select(1, at.derived("flat", self.bias.device, lambda p: p.flat))
