@@ -12,7 +12,6 @@ from ._blocks import (
     GroupLayerNorm,
     ResidualBlock,
     SkipSum,
-    gate,
 )
 from ._causality import allowed_dependencies, assert_causal, receptive_field
 from ._conv import MaskedConv2d, masked_conv2d
@@ -56,7 +55,6 @@ __all__ = [
     "allowed_dependencies",
     "assert_causal",
     "chosen_formulations",
-    "gate",
     "make_mask",
     "mask_a",
     "mask_b",

@@ -323,6 +323,7 @@ def assert_causal(
 
     Example:
         >>> assert_causal(PixelCNN(3, 4, hidden_channels=12, num_layers=2), (2, 3, 5, 5))
+        25
     """
     rule = _Rule.resolve(module, mask_type, color_groups, group_layout)
     shape = _check_shape(module, input_shape)
