@@ -34,7 +34,9 @@ def build(cfg: dict, dtype: torch.dtype = torch.float64, perturb: bool = True) -
 def test_cached_logits_equal_full_forward_float64(cfg: dict, schedule: str) -> None:
     model = build(cfg)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randint(0, model.levels, (3, model.in_channels, cfg["height"], cfg["width"]), generator=gen)
+    x = torch.randint(
+        0, model.levels, (3, model.in_channels, cfg["height"], cfg["width"]), generator=gen
+    )
     pixelcnn_models.decode_like_a_decoder(model, x, 1e-10, schedule)
 
 

@@ -15,7 +15,6 @@ from torch import nn
 import maskedconv._blocks as gated_module
 from maskedconv import (
     GatedPixelCNN,
-    IncrementalEvaluator,
     MaskedConv2d,
     PixelCNN,
     allowed_dependencies,

@@ -34,7 +34,7 @@ from maskedconv import (
     sample,
     wavefront,
 )
-from maskedconv._conditioning import Conditioning, ConditionBias
+from maskedconv._conditioning import ConditionBias, Conditioning
 from maskedconv._stems import EmbeddingInput, ScaledInput
 
 
@@ -131,7 +131,9 @@ def test_block_step_equals_forward(cfg: dict, block: type) -> None:
     g = cfg["groups"]
     kernel = max(cfg["kernel"], 3)
     unit = block(4 * g, kernel, color_groups=g, group_layout=cfg["layout"], **cond_args(cfg))
-    check_units(cfg, [unit, block(4 * g, kernel, color_groups=g, group_layout=cfg["layout"])], 4 * g)
+    check_units(
+        cfg, [unit, block(4 * g, kernel, color_groups=g, group_layout=cfg["layout"])], 4 * g
+    )
 
 
 @settings(deadline=None)
@@ -204,7 +206,9 @@ def test_a_unit_class_written_here_samples_exactly_through_the_cached_path(
     in_channels: int,
 ) -> None:
     model = perturbed(
-        PixelCNN(in_channels, 3, hidden_channels=6, num_layers=3, kernel_size=3, block=DilatedResidual)
+        PixelCNN(
+            in_channels, 3, hidden_channels=6, num_layers=3, kernel_size=3, block=DilatedResidual
+        )
     )
     # Dilation 2 reaches two columns right two rows up (and the 3x3 type-A conv one right
     # one up): one column per row, slope 2, measured, not declared.
@@ -286,7 +290,9 @@ def test_both_evaluators_share_one_interface() -> None:
             first, second = evaluators
             assert first.positions == second.positions and first.groups == second.groups
             values = x[..., first.rows, first.cols]
-            torch.testing.assert_close(first.params(values), second.params(values), rtol=0, atol=1e-10)
+            torch.testing.assert_close(
+                first.params(values), second.params(values), rtol=0, atol=1e-10
+            )
             for ev in evaluators:
                 ev.advance(values)
     assert evaluators[1].done
@@ -310,7 +316,10 @@ def test_evaluator_recomputes_a_step_whose_earlier_groups_changed() -> None:
 def test_evaluator_errors() -> None:
     model = PixelCNN(1, 2, hidden_channels=4, num_layers=1, kernel_size=3)
     ev = IncrementalEvaluator(model, 2, (1, 1))
-    with pytest.raises(ValueError, match=r"values must have shape \(B, C, n\) = \(2, 1, 1\) at step 0, but got \(2, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"values must have shape \(B, C, n\) = \(2, 1, 1\) at step 0, but got \(2, 3\)",
+    ):
         ev.params(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(TypeError, match="values must be an integer tensor"):
         ev.params(torch.zeros(2, 1, 1))
@@ -339,7 +348,10 @@ def test_wavefront_raster_and_naive_give_the_same_samples(case: tuple, complete:
     assert fast.min() >= 0 and fast.max() < model.levels
     kwargs["shape" if not complete else "x"] = kwargs.get("shape", kwargs.get("x"))
     rastered = sample(
-        model, generator=torch.Generator().manual_seed(3), schedule="raster", temperature=0.8,
+        model,
+        generator=torch.Generator().manual_seed(3),
+        schedule="raster",
+        temperature=0.8,
         **{k: v for k, v in kwargs.items() if k != "temperature"},
     )
     assert torch.equal(fast, rastered)
@@ -380,7 +392,9 @@ def test_the_issue_models_train_score_and_sample(kwargs: dict) -> None:
     dim=st.integers(1, 4),
     layout=st.sampled_from(["blocked", "interleaved"]),
 )
-def test_stems_act_on_each_position_alone(channels: int, levels: int, dim: int, layout: str) -> None:
+def test_stems_act_on_each_position_alone(
+    channels: int, levels: int, dim: int, layout: str
+) -> None:
     # The evaluators feed a step's positions (B, C, n) to the stem: it must give what it
     # gives at those positions of the whole image.
     gen = torch.Generator().manual_seed(0)

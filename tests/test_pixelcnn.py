@@ -222,7 +222,10 @@ def test_input_errors(x: torch.Tensor, error: type[Exception], message: str) -> 
             dict(in_channels=3, hidden_channels=63, block="bottleneck"),
             "hidden_channels must be divisible by 2 * color_groups = 6 (BottleneckBlock splits it)",
         ),
-        (dict(block="gated"), "block must be one of ('residual', 'bottleneck') or a CausalUnit subclass, but got 'gated'"),
+        (
+            dict(block="gated"),
+            "block must be one of ('residual', 'bottleneck') or a CausalUnit subclass, but got 'gated'",
+        ),
         (
             dict(group_layout="x"),
             "group_layout must be one of ('blocked', 'interleaved'), but got 'x'",

@@ -12,7 +12,7 @@ Each maps ``(B, C, H, W)`` images in ``forward`` and ``(B, n, C)`` positions in 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +32,12 @@ from ._steps import (
 )
 
 __all__ = [
+    "BLOCKS",
     "BottleneckBlock",
     "ConvUnit",
     "GatedBlock",
     "GroupLayerNorm",
     "ResidualBlock",
-    "BLOCKS",
     "SkipSum",
     "gate",
 ]
@@ -128,7 +128,11 @@ class ResidualBlock(CausalUnit):
         cond_channels: M, to condition on a map (a learned 1x1 projection).
     """
 
-    renamed_0_2 = {"body.0.": "conv_in.", "body.2.": "conv_mid.", "body.4.": "conv_out."}
+    renamed_0_2: ClassVar[dict[str, str]] = {
+        "body.0.": "conv_in.",
+        "body.2.": "conv_mid.",
+        "body.4.": "conv_out.",
+    }
     """0.2 parameter names (``body.<i>``) and their names now, for old checkpoints."""
 
     def __init__(
@@ -234,7 +238,7 @@ class BottleneckBlock(CausalUnit):
         cond_channels: M, to condition on a map (a learned 1x1 projection, added there).
     """
 
-    renamed_0_2 = {
+    renamed_0_2: ClassVar[dict[str, str]] = {
         "body.0.": "norm.",
         "body.2.": "conv_in.",
         "body.4.": "conv_mid.",
@@ -477,7 +481,7 @@ class _GatedStep(UnitStep):
         self.color_groups, self.group_layout = block.color_groups, block.group_layout
         self.source = None if block.first else rows
         rows_read, right = _vertical_reach(block.v_conv)
-        self.rows = context.row_stream(self.source, rows_read, right)
+        self.rows: RowStream = context.row_stream(self.source, rows_read, right)
         late = self.rows.plan.when > schedule.rank
         if bool(late.any()):
             r, c = torch.nonzero(late)[0].tolist()
@@ -496,8 +500,10 @@ class _GatedStep(UnitStep):
         both = [(c.weight * c.mask).detach()[:, :, 0, 0] for c in (block.h_out, block.skip)]
         self.out_weight = torch.cat(both).t().contiguous()
         self.out_bias = torch.cat(
-            [c.bias.detach() if c.bias is not None else both[0].new_zeros(len(both[0]))
-             for c in (block.h_out, block.skip)]
+            [
+                c.bias.detach() if c.bias is not None else both[0].new_zeros(len(both[0]))
+                for c in (block.h_out, block.skip)
+            ]
         )
         height, width = schedule.height, schedule.width
         weight = block.link.weight

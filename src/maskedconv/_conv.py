@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from ._checks import as_int, int_pair
 from ._formulations import DEFAULT as DEFAULT_FORMULATION
 from ._formulations import FORMULATIONS, ConvArgs
 from ._formulations import choose as choose_formulation
 from ._formulations import plan as formulation_plan
 from ._formulations import run as run_formulation
-from ._checks import as_int, int_pair
 from ._masks import check_group_layout, group_split_error, make_mask, resolve_mask_type
 
 __all__ = ["MaskedConv2d", "masked_conv2d"]

@@ -136,7 +136,11 @@ class Evaluator:
                 f"every step of the {self.height}x{self.width} image is done "
                 f"({len(self.schedule)} steps)"
             )
-        if not isinstance(values, Tensor) or values.is_floating_point() or values.dtype == torch.bool:
+        if (
+            not isinstance(values, Tensor)
+            or values.is_floating_point()
+            or values.dtype == torch.bool
+        ):
             raise TypeError(
                 f"values must be an integer tensor (B, C, n), but got {type(values).__name__} "
                 f"{getattr(values, 'dtype', '')}"
@@ -258,7 +262,7 @@ class IncrementalEvaluator(Evaluator):
         super().__init__(model, batch_size, size, resolved, color_groups, group_layout)
         conditioning = model.conditioning(labels, cond, batch_size, size)  # type: ignore[operator]
         context = StepContext(batch_size, resolved, conditioning)
-        self._stem = model.stem
+        self._stem: nn.Module = model.stem  # type: ignore[assignment]
         self._head: OutputHead = model.head  # type: ignore[assignment]
         self._layout = str(getattr(model, "group_layout", "blocked"))
         self._steps: list[UnitStep] = []
@@ -276,7 +280,8 @@ class IncrementalEvaluator(Evaluator):
             rows = step.advance_rows(self.step, rows)
 
     def _features(self, values: Tensor) -> Tensor:
-        return self._stem(values).transpose(1, 2)  # (B, C, n) -> (B, n, F)
+        features: Tensor = self._stem(values)  # (B, F, n)
+        return features.transpose(1, 2)  # (B, n, F)
 
     def _params(self, values: Tensor) -> Tensor:
         x: Any = self._features(values)
@@ -436,9 +441,7 @@ def _check_known_values(images: Tensor, known: Tensor | None, levels: int) -> No
         )
 
 
-def _evaluator(
-    model: nn.Module, method: str, shape: tuple[int, ...], **options: Any
-) -> Evaluator:
+def _evaluator(model: nn.Module, method: str, shape: tuple[int, ...], **options: Any) -> Evaluator:
     batch, _, height, width = shape
     if method != "naive":
         try:
@@ -648,4 +651,3 @@ def _progress(steps: int, text: str) -> Callable[[int], None]:
             bar.close()
 
     return update
-

@@ -97,16 +97,20 @@ class GatedPixelCNN(AutoregressiveModel):
         self.trunk = nn.ModuleList(
             [
                 GatedBlock(
-                    self.stem.out_channels(in_channels), h, kernel_size, first=True,
-                    **opts, **conditioning,
+                    self.stem.out_channels(in_channels),
+                    h,
+                    kernel_size,
+                    first=True,
+                    **opts,
+                    **conditioning,
                 ),
-                *(GatedBlock(h, h, kernel_size, **opts, **conditioning)
-                  for _ in range(num_layers - 1)),
+                *(
+                    GatedBlock(h, h, kernel_size, **opts, **conditioning)
+                    for _ in range(num_layers - 1)
+                ),
                 SkipSum(),
                 ConvUnit(MaskedConv2d(h, h, 1, mask_type="B", **opts), self._condition_bias(h)),
-                ConvUnit(
-                    MaskedConv2d(h, self.head.num_params(in_channels), 1, **opts), relu=False
-                ),
+                ConvUnit(MaskedConv2d(h, self.head.num_params(in_channels), 1, **opts), relu=False),
             ]
         )
 

@@ -26,8 +26,8 @@ from ._heads import HEADS, OutputHead
 from ._masks import check_group_layout, group_split_error
 from ._pretrained import read_config, read_weights
 from ._pretrained import save_pretrained as _save_pretrained
-from ._steps import CausalUnit, NoIncrementalPathError
 from ._stems import STEMS, EmbeddingInput, ScaledInput
+from ._steps import CausalUnit, NoIncrementalPathError
 
 __all__ = ["AutoregressiveModel", "ModelConfig", "nll_per_dim", "rename_keys"]
 
@@ -298,7 +298,13 @@ class AutoregressiveModel(nn.Module):
         base = AutoregressiveModel
         if cls.forward is not base.forward or cls.forward_features is not base.forward_features:
             raise NoIncrementalPathError(f"{cls.__name__} overrides forward")
-        return list(self.trunk)
+        units = list(self.trunk)
+        for unit in units:
+            if not isinstance(unit, CausalUnit):
+                raise NoIncrementalPathError(
+                    f"its trunk holds a {type(unit).__name__}, which is not a CausalUnit"
+                )
+        return units  # type: ignore[return-value]
 
     def _legacy_names(self) -> list[tuple[str, str]]:
         """``(old prefix, new prefix)`` pairs that rename an older release's state_dict."""
@@ -306,7 +312,6 @@ class AutoregressiveModel(nn.Module):
 
     def _rename_legacy(self, state_dict: dict[str, Tensor], prefix: str = "") -> None:
         rename_keys(state_dict, prefix, self._legacy_names())
-
 
     def forward(
         self, x: Tensor, labels: Tensor | None = None, cond: Tensor | None = None
@@ -413,7 +418,9 @@ class AutoregressiveModel(nn.Module):
         return _sample(self, shape, **kwargs)
 
 
-def _rename_on_load(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+def _rename_on_load(
+    module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any
+) -> None:
     assert isinstance(module, AutoregressiveModel)
     module._rename_legacy(state_dict, prefix)
 

@@ -73,7 +73,7 @@ class PixelCNN(AutoregressiveModel):
 
         stem                             scaled levels, or a learned embedding per channel
         ConvUnit: kxk type A, C -> h     + conditioning bias, ReLU
-        (num_layers - 1) x block         [1x1 B -> ReLU -> kxk B (+ bias) -> ReLU -> 1x1 B -> ReLU] + skip
+        (num_layers - 1) x block         x + ReLU(1x1 B(ReLU(kxk B(ReLU(1x1 B(x))) + bias)))
         ConvUnit: 1x1 type B, h -> h     + conditioning bias, ReLU
         ConvUnit: 1x1 type B, h -> P     the head's parameters
         head                             softmax over K levels, or a logistic mixture
@@ -144,21 +144,23 @@ class PixelCNN(AutoregressiveModel):
         self.trunk = nn.ModuleList(
             [
                 ConvUnit(
-                    MaskedConv2d(self.stem.out_channels(in_channels), h, kernel_size,
-                                 mask_type="A", **opts),
+                    MaskedConv2d(
+                        self.stem.out_channels(in_channels), h, kernel_size, mask_type="A", **opts
+                    ),
                     self._condition_bias(h),
                 ),
                 *(
-                    block_class(  # type: ignore[call-arg]
-                        h, kernel_size, num_classes=num_classes, cond_channels=cond_channels,
+                    block_class(
+                        h,
+                        kernel_size,
+                        num_classes=num_classes,
+                        cond_channels=cond_channels,
                         **opts,
                     )
                     for _ in range(num_layers - 1)
                 ),
                 ConvUnit(MaskedConv2d(h, h, 1, mask_type="B", **opts), self._condition_bias(h)),
-                ConvUnit(
-                    MaskedConv2d(h, self.head.num_params(in_channels), 1, **opts), relu=False
-                ),
+                ConvUnit(MaskedConv2d(h, self.head.num_params(in_channels), 1, **opts), relu=False),
             ]
         )
 
@@ -180,6 +182,8 @@ class PixelCNN(AutoregressiveModel):
         for i in range(blocks):
             renamed = getattr(type(self.trunk[1 + i]), "renamed_0_2", {})
             for old_prefix in (f"net.{2 + i}.", f"blocks.{i}."):
-                names += [(old_prefix + old, f"trunk.{1 + i}.{new}") for old, new in renamed.items()]
+                names += [
+                    (old_prefix + old, f"trunk.{1 + i}.{new}") for old, new in renamed.items()
+                ]
                 names.append((old_prefix, f"trunk.{1 + i}."))
         return names

@@ -164,7 +164,7 @@ class Schedule(Plan):
         """``(H, W)`` int64: the step of each position."""
         return self.when
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for positions in self._positions:
             yield positions.tolist()
 

@@ -35,7 +35,6 @@ class ScaledInput(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x.to(self.anchor.dtype) * (2.0 / (self.levels - 1)) - 1.0
 
-
     def extra_repr(self) -> str:
         return f"levels={self.levels}"
 
@@ -91,7 +90,6 @@ class EmbeddingInput(nn.Module):
         else:
             order = (0, last, *range(1, last))  # (B, D, C, *S)
         return vectors.permute(order).reshape(b, -1, *spatial)
-
 
     def extra_repr(self) -> str:
         return (

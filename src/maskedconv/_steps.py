@@ -218,7 +218,8 @@ class ConvStep:
 
 
 class BiasStep:
-    """A conditioning bias ``(B, C, 1 | H, 1 | W)`` read at a step's positions, ``(B, n | 1, C)``."""
+    """A conditioning bias ``(B, C, 1 | H, 1 | W)`` read at a step's positions:
+    ``(B, n | 1, C)``."""
 
     def __init__(self, bias: Tensor) -> None:
         batch, channels, height, width = bias.shape
