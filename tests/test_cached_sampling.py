@@ -147,11 +147,11 @@ def test_auto_uses_the_cached_path_for_a_pixelcnn(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(IncrementalEvaluator, "params", spy)
     model = PixelCNN(3, 2, hidden_channels=6, num_layers=2, kernel_size=3)
-    sample(model, (2, 3, 2, 3))
-    # The wavefront of 3x3 kernels (slope 2) on 2x3: 5 steps, one call per colour group.
-    assert len(calls) == 5 * 3 and sum(calls) == 2 * 3 * 3
+    sample(model, (2, 3, 4, 8))
+    # The wavefront of 3x3 kernels (slope 2) on 4x8: 14 steps, one call per colour group.
+    assert len(calls) == 14 * 3 and sum(calls) == 4 * 8 * 3
     calls.clear()
-    sample(model, (2, 3, 2, 3), method="naive")
+    sample(model, (2, 3, 4, 8), method="naive")
     assert calls == []
 
 

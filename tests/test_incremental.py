@@ -60,7 +60,7 @@ def steps_equal_forward(
         rows = None
         for unit in units:
             full, rows = unit(full, rows, cond)
-        context = StepContext(batch, schedule, cond)
+        context = StepContext(batch, schedule, cond, units)
         steps: list[UnitStep] = []
         plan = None
         for unit in units:
@@ -154,10 +154,9 @@ def test_a_schedule_too_steep_for_a_gated_stack_is_refused() -> None:
     size = (4, 9)
     slope = model_slope(stack(units, 1))
     assert slope == 3  # 2 layers of reach 1: L * h + 1
-    context = StepContext(1, wavefront(None, size, slope=slope - 1), None)
-    first = units[0].incremental(context, None)
-    with pytest.raises(ValueError, match="is too steep for this gated stack"):
-        units[1].incremental(context, first.rows)
+    with pytest.raises(ValueError, match="is too steep for this model.s row stream 0"):
+        StepContext(1, wavefront(None, size, slope=slope - 1), None, units)
+    StepContext(1, wavefront(None, size, slope=slope), None, units)
 
 
 # --- a unit written here, and nothing else ------------------------------------------------

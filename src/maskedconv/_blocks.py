@@ -453,15 +453,15 @@ class GatedBlock(CausalUnit):
     def incremental(self, context: StepContext, rows: RowStream | None) -> UnitStep:
         return _GatedStep(self, context, rows)
 
-
-def _vertical_reach(conv: MaskedConv2d) -> tuple[tuple[int, ...], int]:
-    """The rows above (``d``) and the columns right of the centre that a vertical conv reads."""
-    kh, kw = conv.kernel_size
-    taps = torch.nonzero(conv.mask.ne(0).any(0).any(0)).tolist()
-    rows = tuple(sorted({kh // 2 - i for i, _ in taps}))
-    if rows and rows[0] < 0:
-        raise NoIncrementalPathError("a vertical conv that reads rows below its own")
-    return rows, max([j - kw // 2 for _, j in taps] + [0])
+    def row_reads(self) -> tuple[tuple[int, ...], int, int]:
+        """The vertical conv's reach: the rows above (``d``), the columns left and right."""
+        kh, kw = self.v_conv.kernel_size
+        taps = torch.nonzero(self.v_conv.mask.ne(0).any(0).any(0)).tolist()
+        rows = tuple(sorted({kh // 2 - i for i, _ in taps}))
+        if rows and rows[0] < 0:
+            raise NoIncrementalPathError("a vertical conv that reads rows below its own")
+        columns = [j - kw // 2 for _, j in taps]
+        return rows, max([-c for c in columns] + [0]), max([*columns, 0])
 
 
 class _GatedStep(UnitStep):
@@ -480,17 +480,7 @@ class _GatedStep(UnitStep):
         self.channels = block.channels
         self.color_groups, self.group_layout = block.color_groups, block.group_layout
         self.source = None if block.first else rows
-        rows_read, right = _vertical_reach(block.v_conv)
-        self.rows: RowStream = context.row_stream(self.source, rows_read, right)
-        late = self.rows.plan.when > schedule.rank
-        if bool(late.any()):
-            r, c = torch.nonzero(late)[0].tolist()
-            raise ValueError(
-                f"{schedule!r} is too steep for this gated stack: its vertical stack at "
-                f"{(r, c)} is ready at step {int(self.rows.plan.when[r, c])}, after the "
-                f"position's step {int(schedule.rank[r, c])}; use wavefront(model, size) "
-                f"(the slope measured from the model)"
-            )
+        self.rows: RowStream = context.next_row_stream()
         self.v_conv = _conv_step(block.v_conv, context)
         self.h_conv = _conv_step(block.h_conv, context)
         self.v_bias = _bias_step(block.v_condition, context)

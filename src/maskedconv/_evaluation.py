@@ -261,7 +261,7 @@ class IncrementalEvaluator(Evaluator):
         resolved = resolve_schedule(schedule, model, size)
         super().__init__(model, batch_size, size, resolved, color_groups, group_layout)
         conditioning = model.conditioning(labels, cond, batch_size, size)  # type: ignore[operator]
-        context = StepContext(batch_size, resolved, conditioning)
+        context = StepContext(batch_size, resolved, conditioning, trunk)
         self._stem: nn.Module = model.stem  # type: ignore[assignment]
         self._head: OutputHead = model.head  # type: ignore[assignment]
         self._layout = str(getattr(model, "group_layout", "blocked"))
@@ -452,9 +452,8 @@ def _evaluator(model: nn.Module, method: str, shape: tuple[int, ...], **options:
                     f"method='cached' needs a model with an incremental path, but {reason}; "
                     f"use method='naive'"
                 ) from None
-    if options["schedule"] == "auto":
-        # The plain loop: raster order, unless the model's trunk gives a wavefront.
-        options["schedule"] = "wavefront" if callable(getattr(model, "units", None)) else "raster"
+    if options["schedule"] == "auto" and not callable(getattr(model, "units", None)):
+        options["schedule"] = "raster"  # no trunk to measure a wavefront from
     return FullForwardEvaluator(model, batch, (height, width), channels=shape[1], **options)
 
 
