@@ -78,6 +78,8 @@ def table(data: dict) -> str:
             )
         if "cache_bytes" in extra:
             notes.append(f"sampler caches {extra['cache_bytes'] / 2**20:.2f} MiB")
+        if "steps" in extra:
+            notes.append("steps " + ", ".join(f"{k} {v}" for k, v in extra["steps"].items()))
         if extra.get("chosen"):
             notes.append(
                 "autotune chose " + "; ".join(f"{v} for {k}" for k, v in extra["chosen"].items())

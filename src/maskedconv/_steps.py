@@ -185,6 +185,13 @@ class ConvStep:
         kept = torch.stack([weight[:, :, i, j] for i, j in taps], dim=2)
         self.weight = kept.permute(2, 1, 0).reshape(len(taps) * in_c, out_c).contiguous()
         self.cache = weight.new_zeros(context.batch, (height + 2 * ph) * padded_w, in_c)
+        # For a whole row at once (a row stream in raster order): the kernel rows that
+        # hold a kept tap, for one convolution over that slab of the cache.
+        kept_rows = sorted({i for i, _ in taps})
+        self.rows_kept = (kept_rows[0], kept_rows[-1] + 1)
+        self.row_weight = weight[:, :, kept_rows[0] : kept_rows[-1] + 1].contiguous()
+        self.dilation = (dh, dw)
+        self.height, self.width = height, width
 
     def _put_index(self, at: Positions) -> Tensor:
         padded_w, ph, pw = self.key
@@ -203,6 +210,18 @@ class ConvStep:
             lambda p: ((p.rows * padded_w + p.cols).unsqueeze(1) + offsets).flatten(),
         )
 
+    def _whole_row(self, at: Positions) -> Tensor:
+        """``(B, W, C_out)`` at a whole row ``at``: one convolution over the cached rows."""
+        padded_w, _, _ = self.key
+        batch, _, channels = self.cache.shape
+        row = int(at.rows[0])
+        first, last = self.rows_kept
+        dh, dw = self.dilation
+        grid = self.cache.view(batch, -1, padded_w, channels)
+        slab = grid[:, row + first * dh : row + (last - 1) * dh + 1].permute(0, 3, 1, 2)
+        out = torch.nn.functional.conv2d(slab, self.row_weight, self.bias, dilation=(dh, dw))
+        return out[:, :, 0].transpose(1, 2)  # (B, W, O)
+
     def _patches(self, at: Positions) -> Tensor:
         """``(B*n, taps*C_in)``: the kept taps of every position of ``at``."""
         patches = self.cache.index_select(1, self._read_index(at))  # (B, n*T, I)
@@ -215,6 +234,8 @@ class ConvStep:
 
     def read(self, at: Positions) -> Tensor:
         """The conv's output ``(B, n, C_out)`` at ``at`` from the cache (a k x k conv only)."""
+        if len(at) == self.width and _is_row(at):
+            return self._whole_row(at)
         out = torch.addmm(self.bias, self._patches(at), self.weight)
         return out.view(self.cache.shape[0], len(at), -1)
 
@@ -238,6 +259,16 @@ class ConvStep:
         if not self.spatial:
             return 0
         return int(self.cache.numel() * self.cache.element_size())
+
+
+def _is_row(at: Positions) -> bool:
+    """Whether ``at`` is one whole row, columns in order (kept with the positions)."""
+    found = at._derived.get("is_row")
+    if found is None:
+        rows, cols = at.rows, at.cols
+        whole = bool((rows == rows[0]).all()) and torch.equal(cols, torch.arange(len(cols)))
+        found = at._derived["is_row"] = torch.tensor(whole)
+    return bool(found)
 
 
 class BiasStep:
