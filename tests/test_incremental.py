@@ -154,7 +154,7 @@ def test_a_schedule_too_steep_for_a_gated_stack_is_refused() -> None:
     size = (4, 9)
     slope = model_slope(stack(units, 1))
     assert slope == 3  # 2 layers of reach 1: L * h + 1
-    with pytest.raises(ValueError, match="is too steep for this model.s row stream 0"):
+    with pytest.raises(ValueError, match=r"is too steep for this model's row stream 0"):
         StepContext(1, wavefront(None, size, slope=slope - 1), None, units)
     StepContext(1, wavefront(None, size, slope=slope), None, units)
 
