@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 from dataclasses import fields
 from pathlib import Path
@@ -109,3 +110,14 @@ def test_0_2_models_load_and_give_the_same_log_prob(name: str) -> None:
     shape = (2, model.in_channels, 3, 5)
     fast = sample(model, shape, generator=g(), method="cached", **kwargs)
     assert torch.equal(fast, sample(model, shape, generator=g(), method="naive", **kwargs))
+
+
+def test_no_private_module_exports_helpers() -> None:
+    # A private module's __all__ names only what the package makes public.
+    public = set(maskedconv.__all__)
+    for path in SRC.glob("_*.py"):
+        if path.stem == "__init__":
+            continue
+        module = importlib.import_module(f"maskedconv.{path.stem}")
+        extra = set(getattr(module, "__all__", [])) - public
+        assert not extra, f"{path.stem}.__all__ exports helpers: {sorted(extra)}"

@@ -32,14 +32,12 @@ from ._steps import (
 )
 
 __all__ = [
-    "BLOCKS",
     "BottleneckBlock",
     "ConvUnit",
     "GatedBlock",
     "GroupLayerNorm",
     "ResidualBlock",
     "SkipSum",
-    "gate",
 ]
 
 

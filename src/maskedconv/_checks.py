@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 
-__all__ = ["as_int", "image_size", "int_pair", "positive_int"]
+__all__: list[str] = []  # nothing public: see maskedconv/__init__.py
 
 
 def as_int(name: str, value: object) -> int:

@@ -16,12 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = [
-    "ConditionBias",
-    "Conditioning",
-    "make_condition_bias",
-    "prepare_conditioning",
-]
+__all__: list[str] = []  # nothing public: see maskedconv/__init__.py
 
 
 class Conditioning(NamedTuple):

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ._checks import positive_int
 
-__all__ = ["Categorical", "DiscretizedLogisticMixture", "OutputHead", "draw_from_log_probs"]
+__all__ = ["Categorical", "DiscretizedLogisticMixture", "OutputHead"]
 
 
 def draw_from_log_probs(logits: Tensor, temperature: float, noise: Tensor) -> Tensor:

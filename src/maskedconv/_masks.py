@@ -33,20 +33,7 @@ from torch import Tensor
 
 from ._checks import int_pair
 
-__all__ = [
-    "GROUP_LAYOUTS",
-    "MASK_TYPES",
-    "MaskFunction",
-    "channel_groups",
-    "check_group_layout",
-    "group_slices",
-    "group_split_error",
-    "make_mask",
-    "mask_a",
-    "mask_b",
-    "resolve_mask_type",
-    "spatial_mask",
-]
+__all__ = ["MaskFunction", "make_mask", "mask_a", "mask_b"]
 
 GROUP_LAYOUTS = ("blocked", "interleaved")
 

@@ -29,7 +29,7 @@ from ._pretrained import save_pretrained as _save_pretrained
 from ._stems import STEMS, EmbeddingInput, ScaledInput
 from ._steps import CausalUnit, NoIncrementalPathError
 
-__all__ = ["AutoregressiveModel", "ModelConfig", "nll_per_dim", "rename_keys"]
+__all__ = ["nll_per_dim"]
 
 _Model = TypeVar("_Model", bound="AutoregressiveModel")
 

@@ -37,18 +37,7 @@ from torch import Tensor, nn
 from ._checks import image_size as check_image_size
 from ._checks import positive_int
 
-__all__ = [
-    "SCHEDULES",
-    "Plan",
-    "Positions",
-    "RowReads",
-    "Schedule",
-    "model_slope",
-    "plan_row_streams",
-    "raster",
-    "resolve_schedule",
-    "wavefront",
-]
+__all__ = ["Positions", "Schedule", "model_slope", "raster", "wavefront"]
 
 SCHEDULES = ("auto", "raster", "wavefront")
 

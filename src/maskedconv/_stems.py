@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["STEMS", "EmbeddingInput", "ScaledInput"]
+__all__: list[str] = []  # nothing public: see maskedconv/__init__.py
 
 
 class ScaledInput(nn.Module):

@@ -29,15 +29,7 @@ from ._conditioning import Conditioning
 from ._conv import MaskedConv2d
 from ._schedules import Plan, Positions, RowReads, Schedule, plan_row_streams
 
-__all__ = [
-    "BiasStep",
-    "CausalUnit",
-    "ConvStep",
-    "NoIncrementalPathError",
-    "RowStream",
-    "StepContext",
-    "UnitStep",
-]
+__all__ = ["CausalUnit", "ConvStep", "NoIncrementalPathError", "StepContext", "UnitStep"]
 
 
 class NoIncrementalPathError(ValueError):
