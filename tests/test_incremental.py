@@ -414,12 +414,3 @@ def test_embedding_features_sit_in_their_channels_group() -> None:
         y[0, 1] = 5
         moved = (stem(x) != stem(y)).flatten().nonzero().flatten().tolist()
         assert moved == of_channel_1
-
-
-def test_the_evaluator_refuses_a_colour_order_that_contradicts_the_model() -> None:
-    # 0.2 accepted it and returned the wrong groups (issue 20, item 6); sample refused it.
-    model = PixelCNN(3, 2, hidden_channels=6, num_layers=1, kernel_size=3)
-    with pytest.raises(ValueError, match="color_groups=1 contradicts the model's color_groups=3"):
-        IncrementalEvaluator(model, 1, (2, 2), color_groups=1)
-    with pytest.raises(ValueError, match="group_layout='interleaved' contradicts the model's"):
-        IncrementalEvaluator(model, 1, (2, 2), group_layout="interleaved")

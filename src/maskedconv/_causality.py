@@ -69,6 +69,8 @@ def allowed_dependencies(
     """
     if mask_type not in ("A", "B"):
         raise ValueError(f"mask_type must be 'A' or 'B', but got {mask_type!r}")
+    if isinstance(color_groups, bool) or not isinstance(color_groups, int) or color_groups < 1:
+        raise ValueError(f"color_groups must be a positive int, but got {color_groups!r}")
     go = _groups(out_channels, color_groups, group_layout)
     gi = _groups(in_channels, color_groups, group_layout)
     pos = torch.arange(height * width) if order is None else order.reshape(-1).long()

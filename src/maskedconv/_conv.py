@@ -50,7 +50,16 @@ def masked_conv2d(
     Returns:
         ``(B, C_out, H', W')``; with ``padding = dilation * (k - 1) // 2`` the input's
         height and width are kept.
+
+    Raises:
+        ValueError: for a mask with a value other than 0 and 1.
     """
+    if not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any()):
+        odd = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+        raise ValueError(
+            f"mask must hold only zeros and ones (another value scales the tap instead of "
+            f"masking it), but got {odd:g}"
+        )
     return F.conv2d(input, weight * mask, bias, 1, padding, dilation, groups)
 
 

@@ -267,6 +267,11 @@ def make_mask(
             f"kernel_size must be a positive int or a pair (kh, kw) of them, but got "
             f"{kernel_size!r}"
         )
+    if isinstance(mask_type, str) and any(k % 2 == 0 for k in kernel):
+        raise ValueError(
+            f"kernel_size must be odd for mask type {mask_type!r} so that the kernel has a "
+            f"centre tap (an even one would mask off-centre), but got {kernel_size!r}"
+        )
     mask = fn(
         out_channels=out_channels,
         in_channels=in_channels,

@@ -370,10 +370,22 @@ class AutoregressiveModel(nn.Module):
 
         Raises:
             ValueError: for values of ``x`` outside ``[0, K)`` (no value is ignored, as
-                cross-entropy's ``-100`` would be), or a non-finite result (infinite or
+                cross-entropy's ``-100`` would be), parameters of another shape than
+                ``model(x)`` gives (another K, say), or a non-finite result (infinite or
                 NaN parameters: a diverged model).
         """
         self._check_images(x)
+        batch, channels, height, width = x.shape
+        expected = self.head.arrange(
+            torch.empty(batch, self.head.num_params(channels), height, width, device="meta"),
+            channels,
+            self.group_layout,
+        ).shape
+        if not isinstance(params, Tensor) or params.shape != expected:
+            raise ValueError(
+                f"params must have the shape model(x) gives for x of shape {tuple(x.shape)}, "
+                f"{tuple(expected)}, but got {tuple(getattr(params, 'shape', ()))}"
+            )
         return self._score(params, x)
 
     def _score(self, params: Tensor, x: Tensor) -> Tensor:
@@ -458,9 +470,10 @@ def nll_per_dim(
             f"image_shape must be (C, H, W) or (B, C, H, W), e.g. x.shape, but got {image_shape!r}"
         )
     dims = list(image_shape)[-3:]
-    if len(dims) != 3:
+    if len(dims) != 3 or not all(isinstance(d, int) and d >= 1 for d in dims):
         raise ValueError(
-            f"image_shape must be (C, H, W) or (B, C, H, W), but got {tuple(image_shape)}"
+            f"image_shape must be (C, H, W) or (B, C, H, W) of positive ints, but got "
+            f"{tuple(image_shape)}"
         )
     per_dim = -log_prob / math.prod(dims)
     return per_dim / math.log(2) if unit == "bits" else per_dim

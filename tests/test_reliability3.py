@@ -1,0 +1,65 @@
+"""Issue 20's findings fixed so far, each with the input that went through before."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maskedconv import (
+    IncrementalEvaluator,
+    PixelCNN,
+    allowed_dependencies,
+    make_mask,
+    masked_conv2d,
+    nll_per_dim,
+)
+
+
+def test_log_prob_from_params_refuses_parameters_of_another_level_count() -> None:
+    # Item 7: a 3-level softmax was scored for a 2-level model.
+    model = PixelCNN(1, 2, hidden_channels=4, num_layers=1)
+    x = torch.zeros(2, 1, 5, 5, dtype=torch.long)
+    with pytest.raises(
+        ValueError,
+        match=r"params must have the shape model\(x\) gives for x of shape \(2, 1, 5, 5\), \(2, 1, 2, 5, 5\), but got \(2, 1, 3, 5, 5\)",
+    ):
+        model.log_prob_from_params(torch.randn(2, 1, 3, 5, 5), x)
+    torch.testing.assert_close(model.log_prob_from_params(model(x), x), model.log_prob(x))
+
+
+def test_a_mask_of_other_values_than_0_and_1_is_refused() -> None:
+    # Item 9: masked_conv2d accepted a 0.5 mask.
+    x, w = torch.randn(1, 1, 3, 3), torch.randn(1, 1, 3, 3)
+    with pytest.raises(ValueError, match=r"mask must hold only zeros and ones .* but got 0\.5"):
+        masked_conv2d(x, w, torch.full((1, 1, 3, 3), 0.5), padding=1)
+    masked_conv2d(x, w, torch.ones(1, 1, 3, 3), padding=1)
+
+
+def test_an_even_kernel_for_mask_type_b_is_refused() -> None:
+    # Item 9: make_mask("B", kernel_size=(4, 4)) returned an off-centre mask.
+    with pytest.raises(ValueError, match=r"kernel_size must be odd for mask type 'B' .* \(4, 4\)"):
+        make_mask("B", out_channels=1, in_channels=1, kernel_size=(4, 4))
+    # A user's mask function may have its own idea of an even kernel.
+    ones = make_mask(
+        lambda **kw: torch.ones(1, 1, 4, 4), out_channels=1, in_channels=1, kernel_size=4
+    )
+    assert ones.shape == (1, 1, 4, 4)
+
+
+def test_nll_per_dim_refuses_an_empty_image_shape() -> None:
+    # Item 9: nll_per_dim(lp, (1, 0, 28)) returned inf.
+    with pytest.raises(ValueError, match=r"of positive ints, but got \(1, 0, 28\)"):
+        nll_per_dim(torch.tensor([-1.0]), (1, 0, 28))
+
+
+def test_allowed_dependencies_refuses_zero_colour_groups() -> None:
+    # Item 9: ZeroDivisionError.
+    with pytest.raises(ValueError, match="color_groups must be a positive int, but got 0"):
+        allowed_dependencies(2, 2, 2, 2, color_groups=0)
+
+
+def test_the_evaluator_refuses_a_colour_order_contradicting_the_model() -> None:
+    # Item 6: the evaluator accepted color_groups=1 on a G=3 model.
+    model = PixelCNN(3, 2, hidden_channels=6, num_layers=1, kernel_size=3)
+    with pytest.raises(ValueError, match="color_groups=1 contradicts the model's color_groups=3"):
+        IncrementalEvaluator(model, 1, (2, 2), color_groups=1)
