@@ -63,3 +63,38 @@ def test_the_evaluator_refuses_a_colour_order_contradicting_the_model() -> None:
     model = PixelCNN(3, 2, hidden_channels=6, num_layers=1, kernel_size=3)
     with pytest.raises(ValueError, match="color_groups=1 contradicts the model's color_groups=3"):
         IncrementalEvaluator(model, 1, (2, 2), color_groups=1)
+
+
+def test_a_nan_in_a_masked_out_weight_changes_nothing_on_any_path() -> None:
+    # Item 8: forward, the plain loop and the cached sampler disagreed about it.
+    torch.manual_seed(0)
+    model = PixelCNN(1, 2, hidden_channels=4, num_layers=2)
+    x = torch.randint(0, 2, (2, 1, 4, 8))
+    before = model.log_prob(x)
+    with torch.no_grad():
+        model.trunk[1].conv_mid.weight[0, 0, 6, 6] = float("nan")  # below the centre: masked
+    torch.testing.assert_close(model.log_prob(x), before)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    cached = model.sample(2, (4, 8), method="cached", generator=g())
+    assert torch.equal(cached, model.sample(2, (4, 8), method="naive", generator=g()))
+
+
+def test_an_infinite_conditioning_map_is_refused() -> None:
+    # Item 8: forward with an inf cond returned NaN silently.
+    model = PixelCNN(1, 2, hidden_channels=4, num_layers=2, cond_channels=1)
+    with pytest.raises(ValueError, match="cond must be finite, but it holds inf or NaN"):
+        model(
+            torch.zeros(1, 1, 4, 4, dtype=torch.long), cond=torch.full((1, 1, 2, 2), float("inf"))
+        )
+
+
+def test_a_masked_conv_names_a_wrong_channel_count() -> None:
+    # Item 9: the error quoted the internal split kernel's shapes.
+    from maskedconv import MaskedConv2d
+
+    conv = MaskedConv2d(3, 6, 3, color_groups=3)
+    with pytest.raises(
+        ValueError,
+        match=r"input must have shape \(B, 3, H, W\) \(in_channels=3\), but got \(1, 4, 5, 5\)",
+    ):
+        conv(torch.randn(1, 4, 5, 5))

@@ -485,7 +485,10 @@ class _GatedStep(UnitStep):
         self.h_bias = _bias_step(block.h_condition, context)
         self.link = _conv_step(block.link, context)
         # h_out and skip read the same gated vector: one matmul for both, (h, 2h).
-        both = [(c.weight * c.mask).detach()[:, :, 0, 0] for c in (block.h_out, block.skip)]
+        both = [
+            torch.where(c.mask.bool(), c.weight, 0.0).detach()[:, :, 0, 0]
+            for c in (block.h_out, block.skip)
+        ]
         self.out_weight = torch.cat(both).t().contiguous()
         self.out_bias = torch.cat(
             [

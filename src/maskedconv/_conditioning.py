@@ -44,7 +44,8 @@ def prepare_conditioning(
 
     Raises:
         ValueError: for conditioning the model was not built for, missing conditioning
-            it needs, wrong shapes, or labels outside ``[0, num_classes)``.
+            it needs, wrong shapes, labels outside ``[0, num_classes)``, or a map
+            holding inf or NaN.
         TypeError: for float labels or integer maps.
     """
     if num_classes is None and labels is not None:
@@ -98,6 +99,8 @@ def prepare_conditioning(
                 f"cond must have shape ({batch}, {cond_channels}, h, w), but got "
                 f"{tuple(cond.shape)}"
             )
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(cond).all()):
+            raise ValueError("cond must be finite, but it holds inf or NaN")
         cond = cond.to(dtype)
         if tuple(cond.shape[-2:]) != tuple(size):
             cond = F.interpolate(cond, size=size, mode="nearest")

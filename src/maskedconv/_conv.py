@@ -302,6 +302,11 @@ class MaskedConv2d(nn.Conv2d):
         Returns:
             ``(B, out_channels, H, W)``.
         """
+        if input.dim() != 4 or input.shape[1] != self.in_channels:
+            raise ValueError(
+                f"input must have shape (B, {self.in_channels}, H, W) (in_channels="
+                f"{self.in_channels}), but got {tuple(input.shape)}"
+            )
         dilation = cast("tuple[int, int]", self.dilation)
         if not self._plans[DEFAULT_FORMULATION]:  # the mask keeps nothing: the output is the bias
             padding = cast("tuple[int, int]", self.padding)  # always explicit, set in __init__

@@ -149,7 +149,8 @@ class ConvStep:
     def __init__(self, conv: nn.Conv2d, context: StepContext, height: int, width: int) -> None:
         weight = conv.weight.detach()
         if isinstance(conv, MaskedConv2d):
-            weight = weight * conv.mask
+            # where, not a product: a NaN in a masked-out weight must not reach anything.
+            weight = torch.where(conv.mask.bool(), weight, 0.0)
         if conv.groups != 1:  # a grouped conv as the dense conv it equals
             out_c, per_group = weight.shape[:2]
             dense = weight.new_zeros(out_c, per_group * conv.groups, *weight.shape[2:])
