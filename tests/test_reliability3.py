@@ -98,3 +98,51 @@ def test_a_masked_conv_names_a_wrong_channel_count() -> None:
         match=r"input must have shape \(B, 3, H, W\) \(in_channels=3\), but got \(1, 4, 5, 5\)",
     ):
         conv(torch.randn(1, 4, 5, 5))
+
+
+@pytest.mark.parametrize(
+    "edit", [{"group_layout": "interleaved"}, {"color_groups": 1}], ids=["layout", "groups"]
+)
+def test_a_config_edited_to_build_other_masks_is_refused(tmp_path, edit: dict) -> None:
+    # Item 4: the safetensors file dropped the masks' description, so a hand-edited
+    # config.json rebuilt other masks around the same weights.
+    import json
+
+    PixelCNN(3, 4, hidden_channels=6, num_layers=2).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with pytest.raises(
+        ValueError, match=r"config\.json: these weights were saved from a MaskedConv2d"
+    ):
+        PixelCNN.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"num_layers": 10_000_000}, "GiB of parameters .*num_layers=10000000"),
+        ({"hidden_channels": 10**6}, "GiB of parameters .*hidden_channels=1000000"),
+    ],
+)
+def test_sizes_that_cannot_fit_in_memory_are_refused_before_allocating(
+    tmp_path, edit: dict, message: str
+) -> None:
+    # Item 5: from_pretrained hung on num_layers 10,000,000; huge sizes gave raw
+    # allocator errors.
+    import json
+
+    PixelCNN(1, 2, hidden_channels=4, num_layers=2).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with pytest.raises(ValueError, match=message):
+        PixelCNN.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="more than this machine's"):
+        PixelCNN(1, 2, **edit)
+
+
+def test_a_deeply_nested_config_is_refused(tmp_path) -> None:
+    # Item 5: a 200,000-deep JSON gave RecursionError.
+    PixelCNN(1, 2, hidden_channels=4, num_layers=2).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(ValueError, match="nested too deeply to be a config"):
+        PixelCNN.from_pretrained(tmp_path)

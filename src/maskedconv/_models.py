@@ -34,6 +34,14 @@ __all__ = ["nll_per_dim"]
 _Model = TypeVar("_Model", bound="AutoregressiveModel")
 
 
+def _memory_bytes() -> int:
+    """Physical memory, or 1 TiB where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**40
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The fields every model shares: image, width, depth, colour order, stem, head,
@@ -92,6 +100,24 @@ class ModelConfig:
         for name in ("num_classes", "cond_channels"):
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name))
+        self._check_size()
+
+    def _check_size(self) -> None:
+        """Refuse a model whose parameters could not fit in this machine's memory, before
+        allocating any (a hand-edited config of 10,000,000 layers would hang)."""
+        h, k = self.hidden_channels, self.kernel_size
+        # An upper bound per layer: a gated layer's 2h x h x (k^2 + k) convs and 1x1s.
+        per_layer = 2 * h * h * (k * k + k + 3)
+        table = self.in_channels * self.levels * max(self.hidden_channels, self.stem_dim)
+        count = self.num_layers * per_layer + table + 4 * h * self.in_channels * self.levels
+        memory = _memory_bytes()
+        if 4 * count > memory:
+            raise ValueError(
+                f"the model would hold about {4 * count / 2**30:,.0f} GiB of parameters "
+                f"(num_layers={self.num_layers}, hidden_channels={h}, kernel_size={k}, "
+                f"levels={self.levels}), more than this machine's {memory / 2**30:,.0f} GiB "
+                f"of memory"
+            )
 
     def _check_trunk(self, groups: int) -> None:
         if self.hidden_channels % groups:
@@ -224,9 +250,14 @@ class AutoregressiveModel(nn.Module):
         except (TypeError, ValueError) as err:
             raise ValueError(f"{Path(directory) / 'config.json'}: {err}") from None
         tensors = read_weights(directory, model.state_dict(), device, model._rename_legacy)
-        dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
-        model.to(device=device, dtype=dtypes.pop() if len(dtypes) == 1 else None)
-        model.load_state_dict(tensors)
+        floats = {
+            t.dtype for t in tensors.values() if isinstance(t, Tensor) and t.is_floating_point()
+        }
+        model.to(device=device, dtype=floats.pop() if len(floats) == 1 else None)
+        try:
+            model.load_state_dict(tensors)
+        except ValueError as err:  # a mask the config rebuilds otherwise than it was saved
+            raise ValueError(f"{Path(directory) / 'config.json'}: {err}") from None
         model.eval()
         return model
 

@@ -71,12 +71,16 @@ def save_pretrained(
 
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    # Tensors only: the layers' extra state (the masks' descriptions) follows from the
-    # config, which rebuilds the same masks.
-    tensors = {
-        k: v.detach().contiguous() for k, v in model.state_dict().items() if isinstance(v, Tensor)
+    # The layers' extra state (the masks' descriptions) goes into the metadata, so that a
+    # config edited to build other masks is refused on load, as load_state_dict refuses it.
+    state = model.state_dict()
+    tensors = {k: v.detach().contiguous() for k, v in state.items() if isinstance(v, Tensor)}
+    extra = {k: v for k, v in state.items() if not isinstance(v, Tensor)}
+    metadata = {
+        "format": "pt",
+        "maskedconv_version": __version__,
+        "extra_state": json.dumps(extra, sort_keys=True),
     }
-    metadata = {"format": "pt", "maskedconv_version": __version__}
     _write_atomic(folder / WEIGHTS_NAME, save(tensors, metadata=metadata))
     document = {"model_type": type(model).__name__, "maskedconv_version": __version__, **config}
     _write_atomic(folder / CONFIG_NAME, (json.dumps(document, indent=2) + "\n").encode())
@@ -96,6 +100,8 @@ def read_config(
         document = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err})") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a config") from None
     if not isinstance(document, dict):
         raise ValueError(f"{path} must hold a JSON object, but holds a {type(document).__name__}")
     saved_type = document.get("model_type")
@@ -131,7 +137,7 @@ def read_weights(
     """The tensors of ``model.safetensors``, checked against ``expected`` (a state_dict):
     every missing, unexpected or mis-shaped tensor is named. ``rename`` gives an older
     release's names their current ones first."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(directory) / WEIGHTS_NAME
@@ -139,10 +145,19 @@ def read_weights(
         raise FileNotFoundError(f"{path} does not exist: the weights are missing")
     try:
         tensors = load_file(path, device=str(device))
+        with safe_open(path, framework="pt") as opened:
+            metadata = opened.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+    try:
+        extra = json.loads(metadata.get("extra_state", "{}"))
+    except json.JSONDecodeError:
+        raise ValueError(f"{path} has unreadable extra_state metadata") from None
+    if not isinstance(extra, dict):
+        raise ValueError(f"{path} has extra_state metadata that is not a JSON object")
     if rename is not None:
         rename(tensors)
+        rename(extra)
     problems = []
     expected = {k: v for k, v in expected.items() if isinstance(v, Tensor)}
     missing = sorted(set(expected) - set(tensors))
@@ -161,4 +176,6 @@ def read_weights(
             problems.append(f"{name} has dtype {got.dtype}, expected {want.dtype}")
     if problems:
         raise ValueError(f"{path} does not match {CONFIG_NAME}: {'; '.join(problems)}")
-    return tensors
+    # The masks' descriptions (0.3 on): load_state_dict checks them against the rebuilt
+    # model's masks. Files from 0.2 have none and load as before.
+    return {**tensors, **{k: v for k, v in extra.items() if k.endswith("_extra_state")}}
