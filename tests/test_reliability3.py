@@ -146,3 +146,44 @@ def test_a_deeply_nested_config_is_refused(tmp_path) -> None:
     (tmp_path / "config.json").write_text("[" * 200_000 + "]" * 200_000)
     with pytest.raises(ValueError, match="nested too deeply to be a config"):
         PixelCNN.from_pretrained(tmp_path)
+
+
+def test_a_conditioning_map_computed_from_the_image_is_caught_on_a_fresh_model() -> None:
+    # Item 1: conditioning weights start at zero, which hid the leak from the checker.
+    import torch.nn.functional as F
+    from torch import nn
+
+    from maskedconv import assert_causal
+
+    class MapFromTheImage(nn.Module):
+        levels, in_channels = 4, 1
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = PixelCNN(
+                1, 4, hidden_channels=8, num_layers=2, kernel_size=3, cond_channels=1
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x, cond=F.avg_pool2d(x.float(), 2))
+
+    with pytest.raises(AssertionError, match="which it must not see"):
+        assert_causal(MapFromTheImage(), (2, 1, 4, 4))
+    # The same model with a map that does not come from the image passes.
+    fresh = PixelCNN(1, 4, hidden_channels=8, num_layers=2, kernel_size=3, cond_channels=1)
+    assert_causal(fresh, (2, 1, 4, 4), cond=torch.randn(2, 1, 2, 2))
+
+
+def test_a_stack_of_type_b_layers_checked_without_mask_type_warns() -> None:
+    # Item 2: the classic bug (a type-B first layer) passed by default.
+    from torch import nn
+
+    from maskedconv import MaskedConv2d, assert_causal
+
+    stack = nn.Sequential(
+        MaskedConv2d(1, 8, 3, mask_type="B"), nn.ReLU(), MaskedConv2d(8, 2, 3, mask_type="B")
+    )
+    with pytest.warns(UserWarning, match="pass mask_type='A' to check that"):
+        assert_causal(stack, (2, 1, 5, 5))
+    with pytest.raises(AssertionError, match="which it must not see"):
+        assert_causal(stack, (2, 1, 5, 5), mask_type="A")

@@ -109,6 +109,14 @@ class _Rule:
                 # A stack of layers: strict (A) if any layer is A, else B; else A.
                 kinds = {getattr(m, "mask_type", None) for m in _submodules(module)}
                 mask_type = "B" if kinds & {"A", "B"} == {"B"} else "A"
+                if mask_type == "B":
+                    warnings.warn(
+                        "assert_causal checks this stack against mask type B, inferred from "
+                        "its layers (all type B): each output may then see its own pixel. "
+                        "If the stack is a whole model, its first layer must be type A: "
+                        "pass mask_type='A' to check that, or mask_type='B' to say B is meant",
+                        stacklevel=3,
+                    )
         elif mask_type not in ("A", "B"):
             raise ValueError(f"mask_type must be 'A' or 'B', but got {mask_type!r}")
         if color_groups is None:
@@ -209,7 +217,7 @@ class _Subject:
             getattr(module, "levels", None) if _integer_model(module) else None
         )
         if isinstance(module, nn.Module):
-            self.fn: Callable[..., Tensor] = copy.deepcopy(module).to(dtype)
+            self.fn: Callable[..., Tensor] = _with_zero_parameters_drawn(module).to(dtype)
         else:
             self.fn = module
 
@@ -224,6 +232,24 @@ class _Subject:
         if self.levels:
             return torch.randint(0, self.levels, self.shape, generator=generator)
         return torch.randn(self.shape, generator=generator, dtype=self.dtype)
+
+
+def _with_zero_parameters_drawn(module: nn.Module) -> nn.Module:
+    """A copy in which every parameter that is zero everywhere gets random values.
+
+    A parameter that starts at zero (a conditioning bias, so that a conditioned model
+    starts as its unconditioned twin) hides every path through it from a check of the
+    current values: a map computed from the image itself would pass. Random values there
+    cannot create a dependence the architecture does not have, so no false alarm comes of
+    it. Parameters with some non-zero entry (a masked weight) are kept as they are.
+    """
+    twin = copy.deepcopy(module)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in twin.parameters():
+            if p.is_floating_point() and p.numel() and not bool(p.any()):
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return twin
 
 
 def _tile(value: Tensor, times: int) -> Tensor:
