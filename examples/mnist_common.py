@@ -71,17 +71,36 @@ def parse_idx(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
 
 
+_LARGEST_IDX = 47_040_016  # train-images-idx3-ubyte, the largest MNIST file
+
+
+def _inflate(path: Path) -> bytes:
+    """The gzip file's contents, refusing more than the largest MNIST file: a small file
+    that inflates to gigabytes (a gzip bomb) is stopped there, before the checksum."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read(_LARGEST_IDX + 1)
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{path} is not a valid gzip file ({err}); delete it") from None
+    if len(raw) > _LARGEST_IDX:
+        raise DataError(
+            f"{path} inflates to more than the largest MNIST file ({_LARGEST_IDX:,} bytes): "
+            f"not MNIST; delete it"
+        )
+    return raw
+
+
 def _read_verified(data_dir: Path, name: str, expected_sha: str | None) -> np.ndarray | None:
     """The IDX array of ``name`` (``.gz`` or raw) in ``data_dir``, or None if absent."""
     for path in (data_dir / f"{name}.gz", data_dir / name):
         if not path.exists():
             continue
-        raw = path.read_bytes()
         if path.suffix == ".gz":
-            try:
-                raw = gzip.decompress(raw)
-            except (OSError, EOFError, zlib.error) as err:
-                raise DataError(f"{path} is not a valid gzip file ({err}); delete it") from None
+            raw = _inflate(path)
+        else:
+            if path.stat().st_size > _LARGEST_IDX:
+                raise DataError(f"{path} is larger than any MNIST file; delete it")
+            raw = path.read_bytes()
         if expected_sha is not None:
             digest = hashlib.sha256(raw).hexdigest()
             if digest != expected_sha:
@@ -373,6 +392,13 @@ def make_parser(exp: Experiment, description: str) -> argparse.ArgumentParser:
         "from run to run, so a resumed run is no longer bit-identical",
     )
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's, one per core); on a busy or shared CPU, 1 "
+        "is often several times faster",
+    )
     p.add_argument("--hidden-channels", type=int, default=exp.hidden_channels)
     p.add_argument("--num-layers", type=int, default=exp.num_layers)
     p.add_argument("--kernel-size", type=int, default=7)
@@ -415,8 +441,14 @@ def check_args(exp: Experiment, parser: argparse.ArgumentParser, args: argparse.
             parser.error(f"--{name.replace('_', '-')} must be >= 1, but got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max-steps must be >= 1, but got {args.max_steps}")
-    if args.lr <= 0:
-        parser.error(f"--lr must be > 0, but got {args.lr}")
+    for name in ("lr", "clip"):
+        value = getattr(args, name)
+        if not (value > 0 and math.isfinite(value)):
+            parser.error(f"--{name} must be a finite number > 0, but got {value}")
+    if Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
+        parser.error(f"--data-dir must be a directory, but {args.data_dir} is a file")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, but got {args.threads}")
     if args.color_groups is not None and (
         args.color_groups < 1 or exp.channels % args.color_groups
     ):
@@ -425,6 +457,20 @@ def check_args(exp: Experiment, parser: argparse.ArgumentParser, args: argparse.
         )
     if args.num_workers < 0:
         parser.error(f"--num-workers must be >= 0, but got {args.num_workers}")
+    try:  # every model flag, checked by the model's own config before anything runs
+        MODELS[args.model].config_class(
+            exp.channels,
+            exp.levels,
+            hidden_channels=args.hidden_channels,
+            num_layers=args.num_layers,
+            kernel_size=args.kernel_size,
+            head=args.head,
+            num_mixtures=args.num_mixtures,
+            num_classes=10 if args.conditional else None,
+            color_groups=args.color_groups,
+        )
+    except (TypeError, ValueError) as err:
+        parser.error(f"the model flags do not make a model: {err}")
 
 
 # ---------------------------------------------------------------- distributed
@@ -811,13 +857,17 @@ def run(exp: Experiment, description: str, argv: list[str] | None = None) -> int
     args = parser.parse_args(argv)
     check_args(exp, parser, args)
     autotune = set_conv_autotune(args.autotune)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         return _train(exp, args)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    finally:
-        set_conv_autotune(autotune)  # as it was, for a caller in the same process
+    finally:  # as they were, for a caller in the same process
+        set_conv_autotune(autotune)
+        torch.set_num_threads(threads)
 
 
 def _train(exp: Experiment, args: argparse.Namespace) -> int:

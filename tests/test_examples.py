@@ -628,3 +628,60 @@ def test_a_rerun_into_an_earlier_runs_out_dir_is_refused(
         "holds a checkpoint of an earlier run: continue it with --resume" in capsys.readouterr().err
     )
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--clip", "-1"], "--clip must be a finite number > 0, but got -1.0"),
+        (["--clip", "0"], "--clip must be a finite number > 0, but got 0.0"),
+        (["--lr", "nan"], "--lr must be a finite number > 0, but got nan"),
+        (["--kernel-size", "4"], "the model flags do not make a model: kernel_size must be odd"),
+        (["--kernel-size", "1"], "the model flags do not make a model: kernel_size must be >= 3"),
+        (["--num-layers", "0"], "num_layers must be an int >= 1, but got 0"),
+        (["--hidden-channels", "0"], "hidden_channels must be an int >= 1, but got 0"),
+        (["--threads", "0"], "--threads must be >= 1, but got 0"),
+    ],
+)
+def test_every_flag_is_checked_up_front(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Issue 20, item 10: these trained by gradient ascent, never trained, or gave tracebacks.
+    with pytest.raises(SystemExit):
+        mc.run(mc.BINARY, "test", flags)
+    assert message in capsys.readouterr().err
+
+
+def test_colour_flags_that_do_not_split_into_groups_are_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        mc.run(mc.COLOR, "test", ["--hidden-channels", "8"])
+    assert "hidden_channels must be divisible by color_groups=3" in capsys.readouterr().err
+
+
+def test_a_data_dir_that_is_a_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit):
+        mc.run(mc.BINARY, "test", ["--data-dir", str(tmp_path / "f")])
+    assert "--data-dir must be a directory" in capsys.readouterr().err
+
+
+def test_a_gzip_bomb_is_stopped_before_it_inflates(tmp_path: Path) -> None:
+    # Issue 20, item 11: a 2 MB file inflated to 2 GiB before the checksum refused it.
+    import gzip
+
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        chunk = b"\0" * (1 << 20)
+        for _ in range(mc._LARGEST_IDX // len(chunk) + 2):
+            f.write(chunk)
+    with pytest.raises(mc.DataError, match="inflates to more than the largest MNIST file"):
+        mc._read_verified(tmp_path, "train-images-idx3-ubyte", None)
+
+
+def test_threads_flag_sets_and_restores(tmp_path: Path, data_args: list[str]) -> None:
+    before = torch.get_num_threads()
+    assert run_binary(tmp_path, data_args, "--max-steps", "1", "--threads", "1") == 0
+    assert torch.get_num_threads() == before
