@@ -228,7 +228,8 @@ def test_detects_leak_across_the_batch() -> None:
             return h + h.roll(1, dims=0)  # causal within an image, but mixes images
 
     net = MixesImages()
-    with pytest.raises(AssertionError, match=r"output \(image 0, .* depends on input \(image 1"):
+    # The checker takes 3 images: image 0 is mixed with image 2 (roll by one).
+    with pytest.raises(AssertionError, match=r"output \(image 0, .* depends on input \(image 2"):
         assert_causal(net, (2, 1, 3, 3))
 
 
@@ -406,7 +407,8 @@ def test_a_leak_between_images_is_caught_with_a_batch_of_one() -> None:
             h = self.conv(x)
             return h + h.flip(0)
 
-    with pytest.raises(AssertionError, match=r"depends on input \(image 1"):
+    # Checked with 3 images: flipped, image 0 meets image 2.
+    with pytest.raises(AssertionError, match=r"depends on input \(image 2"):
         assert_causal(Mixes(), (1, 1, 3, 3))
 
 

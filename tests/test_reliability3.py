@@ -187,3 +187,36 @@ def test_a_stack_of_type_b_layers_checked_without_mask_type_warns() -> None:
         assert_causal(stack, (2, 1, 5, 5))
     with pytest.raises(AssertionError, match="which it must not see"):
         assert_causal(stack, (2, 1, 5, 5), mask_type="A")
+
+
+def test_the_evaluator_names_values_out_of_range() -> None:
+    # Item 9: an IndexError from the embedding, or silently wrong parameters.
+    model = PixelCNN(1, 4, hidden_channels=4, num_layers=1, kernel_size=3, input="embedding")
+    ev = IncrementalEvaluator(model, 1, (2, 2))
+    bad = torch.full((1, 1, len(ev.positions)), 4)
+    with pytest.raises(
+        ValueError, match=r"values must be in \[0, 4\) \(levels=4\), but got values in \[4, 4\]"
+    ):
+        ev.params(bad)
+    with pytest.raises(ValueError, match=r"values must be in \[0, 4\)"):
+        ev.advance(bad - 5)
+
+
+def test_a_leak_that_skips_an_image_is_caught() -> None:
+    # Item 3: image 0 seeing image 2 passed with the checker's batch of 2.
+    from torch import nn
+
+    from maskedconv import MaskedConv2d, assert_causal
+
+    class SeesTwoAhead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = MaskedConv2d(1, 2, 3, mask_type="A")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            # The row above, of the image two further on: with 2 images, its own.
+            above = torch.nn.functional.pad(x.roll(-2, dims=0), (0, 0, 1, 0))[:, :, :-1]
+            return self.conv(x) + 0.1 * above
+
+    with pytest.raises(AssertionError, match=r"image 0.*depends on input \(image 2"):
+        assert_causal(SeesTwoAhead(), (2, 1, 4, 4))

@@ -304,8 +304,9 @@ def assert_causal(
       to other levels (twice, at random) and its outputs must stay exactly the same;
       then each image's outputs must stay the same when every other image changes;
     * in the module's own dtype and in float64, in training and in eval mode (the
-      module's mode is restored), with at least 2 images (a batch of 1 cannot show a
-      leak between images);
+      module's mode is restored), with at least 3 images unless labels or a map
+      for fewer are given (a batch of 1 cannot show a leak between images, nor 2 one
+      that skips an image);
     * a module on which no output depends on any input fails: the check would pass
       vacuously (a dead network, a Jacobian blocked by ``.detach()`` or a lookup);
     * ``complete=True`` also fails where an input that the order allows, and that the
@@ -358,8 +359,11 @@ def assert_causal(
     steps = shape[2] * shape[3]
     if schedule is not None and schedule != "raster":
         steps = rule.set_schedule(schedule, shape[2], shape[3])
-    if shape[0] == 1:
-        shape = (2, *shape[1:])  # a leak between images needs two of them
+    given = [len(v) for v in (labels, cond) if v is not None and len(v) > 1]
+    if shape[0] < 3 and not given:
+        # A leak between images needs two of them, and one that skips an image (image 0
+        # seeing image 2) three.
+        shape = (3, *shape[1:])
     kwargs = _forward_kwargs(labels, cond, shape[0])
     _warn_if_smaller_than_reach(module, shape)
     own = _own_dtype(module)

@@ -93,6 +93,8 @@ class Evaluator:
         self.batch_size = positive_int("batch_size", batch_size)
         self.height, self.width = image_size
         self.channels = channels or int(getattr(model, "in_channels", 0)) or None
+        levels = getattr(model, "levels", None)
+        self._levels = levels if isinstance(levels, int) else None
         self.schedule = schedule
         # Each group's channels, once: params() and advance() read them at every step.
         self._groups = (
@@ -152,6 +154,13 @@ class Evaluator:
                 f"values must have shape (B, C, n) = {expected} at step {self.step}, but got "
                 f"{tuple(values.shape)}"
             )
+        if self._levels is not None and values.numel():
+            lo, hi = int(values.min()), int(values.max())
+            if lo < 0 or hi >= self._levels:
+                raise ValueError(
+                    f"values must be in [0, {self._levels}) (levels={self._levels}), but got "
+                    f"values in [{lo}, {hi}]"
+                )
 
     def params(self, values: Tensor) -> Tensor:
         """The head's parameters at the current step's positions.
