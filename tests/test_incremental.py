@@ -190,10 +190,9 @@ class DilatedResidual(CausalUnit):
 
 class _DilatedResidualStep(UnitStep):
     def __init__(self, unit: DilatedResidual, context: StepContext, rows: Any) -> None:
-        schedule = context.schedule
-        self.rows, self.schedule = rows, schedule
-        self.spatial = ConvStep(unit.spatial, context, schedule.height, schedule.width)
-        self.mix = ConvStep(unit.mix, context, schedule.height, schedule.width)
+        self.rows, self.schedule = rows, context.schedule
+        self.spatial = ConvStep(unit.spatial, context)
+        self.mix = ConvStep(unit.mix, context)
 
     def step(self, x: Tensor, t: int) -> Tensor:
         at = self.schedule[t]

@@ -52,11 +52,6 @@ def _bias_step(condition: ConditionBias | None, context: StepContext) -> BiasSte
     return BiasStep(condition(context.cond))
 
 
-def _conv_step(conv: nn.Conv2d, context: StepContext) -> ConvStep:
-    schedule = context.schedule
-    return ConvStep(conv, context, schedule.height, schedule.width)
-
-
 class ConvUnit(CausalUnit):
     """``relu(conv(x) + bias(cond))``, or without the ReLU (the last layer).
 
@@ -91,7 +86,7 @@ class _ConvUnitStep(UnitStep):
     def __init__(self, unit: ConvUnit, context: StepContext, rows: RowStream | None) -> None:
         self.rows = rows
         self.schedule = context.schedule
-        self.conv = _conv_step(unit.conv, context)
+        self.conv = ConvStep(unit.conv, context)
         self.bias = _bias_step(unit.condition, context)
         self.relu = unit.relu
 
@@ -297,9 +292,9 @@ class _SkipBlockStep(UnitStep):
         self.rows = rows
         self.schedule = context.schedule
         self.norm = block.norm if isinstance(block, BottleneckBlock) else None
-        self.conv_in = _conv_step(block.conv_in, context)
-        self.conv_mid = _conv_step(block.conv_mid, context)
-        self.conv_out = _conv_step(block.conv_out, context)
+        self.conv_in = ConvStep(block.conv_in, context)
+        self.conv_mid = ConvStep(block.conv_mid, context)
+        self.conv_out = ConvStep(block.conv_out, context)
         self.bias = _bias_step(block.condition, context)
 
     def step(self, x: Tensor, t: int) -> Tensor:
@@ -479,11 +474,11 @@ class _GatedStep(UnitStep):
         self.color_groups, self.group_layout = block.color_groups, block.group_layout
         self.source = None if block.first else rows
         self.rows: RowStream = context.next_row_stream()
-        self.v_conv = _conv_step(block.v_conv, context)
-        self.h_conv = _conv_step(block.h_conv, context)
+        self.v_conv = ConvStep(block.v_conv, context)
+        self.h_conv = ConvStep(block.h_conv, context)
         self.v_bias = _bias_step(block.v_condition, context)
         self.h_bias = _bias_step(block.h_condition, context)
-        self.link = _conv_step(block.link, context)
+        self.link = ConvStep(block.link, context)
         # h_out and skip read the same gated vector: one matmul for both, (h, 2h).
         both = [
             torch.where(c.mask.bool(), c.weight, 0.0).detach()[:, :, 0, 0]

@@ -146,7 +146,8 @@ class ConvStep:
     measured within 10% of the gather either way, and slower for few input channels.)
     """
 
-    def __init__(self, conv: nn.Conv2d, context: StepContext, height: int, width: int) -> None:
+    def __init__(self, conv: nn.Conv2d, context: StepContext) -> None:
+        height, width = context.schedule.height, context.schedule.width
         weight = conv.weight.detach()
         if isinstance(conv, MaskedConv2d):
             # where, not a product: a NaN in a masked-out weight must not reach anything.
@@ -184,7 +185,7 @@ class ConvStep:
         self.rows_kept = (kept_rows[0], kept_rows[-1] + 1)
         self.row_weight = weight[:, :, kept_rows[0] : kept_rows[-1] + 1].contiguous()
         self.dilation = (dh, dw)
-        self.height, self.width = height, width
+        self.width = width
 
     def _put_index(self, at: Positions) -> Tensor:
         padded_w, ph, pw = self.key
@@ -274,8 +275,6 @@ class BiasStep:
         batch, channels, height, width = bias.shape
         self.spatial = height * width > 1
         self.bias = bias.detach().permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-        if self.spatial:
-            self.width = width
 
     def __call__(self, at: Positions) -> Tensor:
         if not self.spatial:
