@@ -220,3 +220,22 @@ def test_a_leak_that_skips_an_image_is_caught() -> None:
 
     with pytest.raises(AssertionError, match=r"image 0.*depends on input \(image 2"):
         assert_causal(SeesTwoAhead(), (2, 1, 4, 4))
+
+
+def test_an_in_place_edit_of_a_mask_is_refused_not_half_honoured() -> None:
+    # Item 9: an edit took effect for some taps and not others.
+    from maskedconv import MaskedConv2d
+
+    conv = MaskedConv2d(1, 2, 3, mask_type="A")
+    x = torch.randn(1, 1, 4, 4)
+    conv(x)
+    with torch.no_grad():
+        conv.mask[:, :, 2, 2] = 1  # a tap below the centre, outside the planned rows
+    with pytest.raises(ValueError, match="the mask of this MaskedConv2d was edited in place"):
+        conv(x)
+    model = PixelCNN(1, 2, hidden_channels=4, num_layers=1, kernel_size=3)
+    model.trunk[0].conv.mask.fill_(1)
+    with pytest.raises(ValueError, match="edited in place"):
+        model.sample(1, (2, 2))
+    moved = MaskedConv2d(1, 2, 3).to(torch.float64)  # rebuilt masks are not edits
+    moved(x.double())

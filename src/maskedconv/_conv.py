@@ -63,6 +63,11 @@ def masked_conv2d(
     return F.conv2d(input, weight * mask, bias, 1, padding, dilation, groups)
 
 
+def _mask_bits(mask: Tensor) -> bytes:
+    """Which taps a mask keeps, as bytes (for comparing two masks of any dtype or device)."""
+    return bytes(mask.detach().ne(0).to(torch.uint8).cpu().numpy().tobytes())
+
+
 def refuse_torchscript(self: nn.Module) -> Any:
     """``torch.jit.script`` calls this first on every module: refuse with a clear message."""
     raise TypeError(
@@ -230,6 +235,8 @@ class MaskedConv2d(nn.Conv2d):
         self.register_buffer(
             "mask", mask.to(device=self.weight.device, dtype=self.weight.dtype), persistent=False
         )
+        self._mask_bits = _mask_bits(mask)
+        self._mask_seen = (id(self.mask), self.mask._version)
         with torch.no_grad():
             self.weight.mul_(self.mask)
         self._plans = {
@@ -285,6 +292,27 @@ class MaskedConv2d(nn.Conv2d):
             self.mask = source.to(device=self.weight.device, dtype=self.weight.dtype)
         return self
 
+    def check_mask_unchanged(self) -> None:
+        """Raise ``ValueError`` if ``.mask`` was edited in place since the layer was built.
+
+        The layer plans which kernel rows and columns to convolve (and its steps which taps
+        to gather) from the mask it was built with, so an in-place edit would take effect
+        for some taps and not others. Build a new layer with the mask you want instead.
+        """
+        mask = self.mask
+        if torch.compiler.is_compiling() or self._mask_seen == (id(mask), mask._version):
+            return
+        # A new tensor (moved, copied) or a new version of it: compare its values once.
+        if _mask_bits(mask) == self._mask_bits:
+            self._mask_seen = (id(mask), mask._version)
+            return
+        raise ValueError(
+            "the mask of this MaskedConv2d was edited in place; its fast paths were planned "
+            "from the mask it was built with, so the edit would take effect for some taps "
+            "and not others: build a new MaskedConv2d with mask_type=<a function returning "
+            "the mask you want> (see maskedconv.MaskFunction)"
+        )
+
     def reset_parameters(self) -> None:
         """Re-initialise as ``nn.Conv2d`` does, then zero the masked weights again."""
         super().reset_parameters()
@@ -302,6 +330,7 @@ class MaskedConv2d(nn.Conv2d):
         Returns:
             ``(B, out_channels, H, W)``.
         """
+        self.check_mask_unchanged()
         if input.dim() != 4 or input.shape[1] != self.in_channels:
             raise ValueError(
                 f"input must have shape (B, {self.in_channels}, H, W) (in_channels="

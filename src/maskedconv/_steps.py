@@ -150,6 +150,7 @@ class ConvStep:
         height, width = context.schedule.height, context.schedule.width
         weight = conv.weight.detach()
         if isinstance(conv, MaskedConv2d):
+            conv.check_mask_unchanged()
             # where, not a product: a NaN in a masked-out weight must not reach anything.
             weight = torch.where(conv.mask.bool(), weight, 0.0)
         if conv.groups != 1:  # a grouped conv as the dense conv it equals
