@@ -435,6 +435,19 @@ def make_parser(exp: Experiment, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The model's keyword arguments from the flags (the same for checking and building)."""
+    return {
+        "hidden_channels": args.hidden_channels,
+        "num_layers": args.num_layers,
+        "kernel_size": args.kernel_size,
+        "head": args.head,
+        "num_mixtures": args.num_mixtures,
+        "num_classes": 10 if args.conditional else None,
+        "color_groups": args.color_groups,
+    }
+
+
 def check_args(exp: Experiment, parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "eval_batch_size", "num_samples", "num_mixtures"):
         if getattr(args, name) < 1:
@@ -458,17 +471,7 @@ def check_args(exp: Experiment, parser: argparse.ArgumentParser, args: argparse.
     if args.num_workers < 0:
         parser.error(f"--num-workers must be >= 0, but got {args.num_workers}")
     try:  # every model flag, checked by the model's own config before anything runs
-        MODELS[args.model].config_class(
-            exp.channels,
-            exp.levels,
-            hidden_channels=args.hidden_channels,
-            num_layers=args.num_layers,
-            kernel_size=args.kernel_size,
-            head=args.head,
-            num_mixtures=args.num_mixtures,
-            num_classes=10 if args.conditional else None,
-            color_groups=args.color_groups,
-        )
+        MODELS[args.model].config_class(exp.channels, exp.levels, **model_options(args))
     except (TypeError, ValueError) as err:
         parser.error(f"the model flags do not make a model: {err}")
 
@@ -891,17 +894,7 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
     if train_labels is None:
         train_labels = torch.zeros(len(train), dtype=torch.long)
     test_labels = images.test_labels if args.conditional else None
-    model: Model = MODELS[args.model](
-        exp.channels,
-        exp.levels,
-        hidden_channels=args.hidden_channels,
-        num_layers=args.num_layers,
-        kernel_size=args.kernel_size,
-        head=args.head,
-        num_mixtures=args.num_mixtures,
-        num_classes=10 if args.conditional else None,
-        color_groups=args.color_groups,
-    ).to(device)
+    model: Model = MODELS[args.model](exp.channels, exp.levels, **model_options(args)).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
