@@ -85,17 +85,17 @@ class Evaluator:
         model: nn.Module,
         batch_size: int,
         image_size: tuple[int, int],
-        schedule: Schedule,
+        schedule: str | Schedule,
         color_groups: int | None,
         group_layout: str | None,
         channels: int | None = None,
     ) -> None:
         self.batch_size = positive_int("batch_size", batch_size)
-        self.height, self.width = image_size
+        self.height, self.width = size = check_image_size(image_size)
         self.channels = channels or int(getattr(model, "in_channels", 0)) or None
         levels = getattr(model, "levels", None)
         self._levels = levels if isinstance(levels, int) else None
-        self.schedule = schedule
+        self.schedule = resolve_schedule(schedule, model, size)
         # Each group's channels, once: params() and advance() read them at every step.
         self._groups = (
             None
@@ -253,8 +253,6 @@ class IncrementalEvaluator(Evaluator):
         labels: Tensor | None = None,
         cond: Tensor | None = None,
     ) -> None:
-        size = check_image_size(image_size)
-        batch_size = positive_int("batch_size", batch_size)
         units = getattr(model, "units", None)
         if not callable(units) or not hasattr(model, "stem"):
             raise NoIncrementalPathError(
@@ -267,10 +265,10 @@ class IncrementalEvaluator(Evaluator):
             raise NoIncrementalPathError(
                 f"{type(model).__name__} has no incremental path: {reason}"
             ) from None
-        resolved = resolve_schedule(schedule, model, size)
-        super().__init__(model, batch_size, size, resolved, color_groups, group_layout)
-        conditioning = model.conditioning(labels, cond, batch_size, size)  # type: ignore[operator]
-        context = StepContext(batch_size, resolved, conditioning, trunk)
+        super().__init__(model, batch_size, image_size, schedule, color_groups, group_layout)
+        size = (self.height, self.width)
+        conditioning = model.conditioning(labels, cond, self.batch_size, size)  # type: ignore[operator]
+        context = StepContext(self.batch_size, self.schedule, conditioning, trunk)
         self._stem: nn.Module = model.stem  # type: ignore[assignment]
         self._head: OutputHead = model.head  # type: ignore[assignment]
         self._layout = str(getattr(model, "group_layout", "blocked"))
@@ -345,9 +343,9 @@ class FullForwardEvaluator(Evaluator):
         cond: Tensor | None = None,
         channels: int | None = None,
     ) -> None:
-        size = check_image_size(image_size)
-        resolved = resolve_schedule(schedule, model, size)
-        super().__init__(model, batch_size, size, resolved, color_groups, group_layout, channels)
+        super().__init__(
+            model, batch_size, image_size, schedule, color_groups, group_layout, channels
+        )
         if self.channels is None:
             raise ValueError(
                 f"channels is required: {type(model).__name__} has no in_channels attribute"
@@ -356,7 +354,12 @@ class FullForwardEvaluator(Evaluator):
         self._kwargs = _conditioning_kwargs(labels, cond)
         self._crop = bool(getattr(model, "causal_rows", False)) and cond is None
         self.image = torch.zeros(
-            batch_size, self.channels, *size, dtype=torch.long, device=_model_device(model)
+            batch_size,
+            self.channels,
+            self.height,
+            self.width,
+            dtype=torch.long,
+            device=_model_device(model),
         )
 
     def _params(self, values: Tensor) -> Tensor:
