@@ -239,3 +239,144 @@ def test_an_in_place_edit_of_a_mask_is_refused_not_half_honoured() -> None:
         model.sample(1, (2, 2))
     moved = MaskedConv2d(1, 2, 3).to(torch.float64)  # rebuilt masks are not edits
     moved(x.double())
+
+
+class _FloatLeak(torch.nn.Module):
+    """A type-A masked conv plus a leak that only some inputs show."""
+
+    def __init__(self, leak) -> None:
+        super().__init__()
+        from maskedconv import MaskedConv2d
+
+        self.conv = MaskedConv2d(1, 2, 3, mask_type="A")
+        self.leak = leak
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.leak(self.conv(x), x)
+
+
+def _dead_relu(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # Zero, with zero gradient, unless a mirrored (future) value exceeds 5.
+    return out + torch.relu(x.flip(-1) - 5)
+
+
+def _branch_on_a_future_pixel(threshold: float, above: bool):
+    def leak(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # A Python branch: no gradient flows through the condition.
+        value = float(x.detach()[0, 0, -1, -1])
+        return out * 2 if (value > threshold) == above else out
+
+    return leak
+
+
+@pytest.mark.parametrize(
+    "leak",
+    [_dead_relu]
+    + [_branch_on_a_future_pixel(t, above) for t in (-2.0, 0.0, 2.0) for above in (True, False)],
+    ids=["dead-relu"] + [f"branch-{w}-{t}" for t in (-2, 0, 2) for w in ("above", "below")],
+)
+def test_a_leak_that_a_gradient_cannot_see_is_caught(leak) -> None:
+    # Item 3: these passed, the Jacobian being zero and the values moved only up a little.
+    from maskedconv import assert_causal
+
+    with pytest.raises(AssertionError, match="which it must not see"):
+        assert_causal(_FloatLeak(leak), (3, 1, 5, 5))
+    assert_causal(_FloatLeak(lambda out, x: out), (3, 1, 5, 5))  # no false alarm
+
+
+class _WrappedPixelCNN(torch.nn.Module):
+    """A model of integer images whose forward adds ``leak(x)`` to the logits."""
+
+    in_channels = 1
+
+    def __init__(self, levels: int, leak) -> None:
+        super().__init__()
+        self.levels = levels
+        self.inner = PixelCNN(1, levels, hidden_channels=8, num_layers=2, kernel_size=3)
+        self.leak = leak
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) + self.leak(x)
+
+
+def test_a_leak_only_where_a_future_value_is_the_top_level_is_caught() -> None:
+    # Item 3: random other levels hit 255 one time in 255.
+    from maskedconv import assert_causal
+
+    def where_top(x: torch.Tensor) -> torch.Tensor:
+        return (x.flip(-1) == 255).float()[:, :, None]
+
+    def where_top_in_an_if(x: torch.Tensor) -> torch.Tensor:
+        return torch.ones(()) if int(x[0, 0, -1, -1]) == 255 else torch.zeros(())
+
+    for leak in (where_top, where_top_in_an_if):
+        with pytest.raises(AssertionError, match="which it must not see"):
+            assert_causal(_WrappedPixelCNN(256, leak), (3, 1, 4, 4))
+
+
+def test_a_leak_in_a_custom_heads_log_prob_is_caught() -> None:
+    # Item 3: only forward was checked; log_prob could read the future.
+    from maskedconv import Categorical, assert_causal
+
+    class PeeksRight(Categorical):
+        def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return super().log_prob(params, x) + 1e-3 * x.roll(-1, dims=-1)
+
+    class PeeksAtLaterParameters(Categorical):
+        def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return super().log_prob(params.roll(-1, dims=-2), x)
+
+    model = PixelCNN(1, 4, hidden_channels=8, num_layers=2, kernel_size=3, head=PeeksRight(4))
+    with pytest.raises(AssertionError, match=r"log_prob of sub-pixel \(image \d, channel 0"):
+        assert_causal(model, (3, 1, 4, 4))
+    model.head = PeeksAtLaterParameters(4)
+    with pytest.raises(AssertionError, match="parameters of later pixels move"):
+        assert_causal(model, (3, 1, 4, 4))
+    model.head = Categorical(4)  # the library's own head: no false alarm
+    assert_causal(model, (3, 1, 4, 4))
+
+
+def test_the_checker_runs_one_test_per_image_of_the_batch() -> None:
+    # Item 3: the default GatedPixelCNN took 129 s. Each image of the batch now runs a
+    # different test, instead of all of them the same one.
+    from maskedconv import assert_causal
+
+    calls = []
+
+    class Counted(PixelCNN):
+        def forward(self, x, labels=None, cond=None):  # type: ignore[override]
+            calls.append(len(x))
+            return super().forward(x, labels, cond)
+
+    model = Counted(1, 2, hidden_channels=4, num_layers=1, kernel_size=3)
+    assert_causal(model, (3, 1, 6, 6))
+    per_pass = len(calls) / 4  # 2 dtypes x 2 modes
+    # A base, all changed (once: it moves), 3 images x 2 trials for the batch, 36 pixels
+    # x 3 trials / 3 images (was x 2 trials x 3 images), the parameters for the head.
+    assert per_pass == 1 + 1 + 6 + 36 + 1
+
+
+def test_a_costly_check_says_what_it_costs(monkeypatch) -> None:
+    # Item 3: 129 s with no output. The count it gives is the count it runs, but for
+    # the second all-inputs-changed pass, run only when the first moves nothing.
+    import maskedconv._causality as causality
+    from maskedconv import assert_causal
+
+    calls = []
+
+    class Counted(PixelCNN):
+        def forward(self, x, labels=None, cond=None):  # type: ignore[override]
+            calls.append(len(x))
+            return super().forward(x, labels, cond)
+
+    model = Counted(1, 4, hidden_channels=4, num_layers=1, kernel_size=3)
+    monkeypatch.setattr(causality, "_COSTLY", 100)
+    with pytest.warns(UserWarning, match=r"about ([\d,]+) forward passes .* at 3x3 already") as w:
+        assert_causal(model, (3, 1, 6, 6))
+    said = int(
+        next(str(m.message) for m in w if "forward passes" in str(m.message))
+        .split("about ")[1]
+        .split(" ")[0]
+        .replace(",", "")
+    )
+    assert len(calls) <= said <= len(calls) + 4
