@@ -380,3 +380,20 @@ def test_a_costly_check_says_what_it_costs(monkeypatch) -> None:
         .replace(",", "")
     )
     assert len(calls) <= said <= len(calls) + 4
+
+
+def test_loading_another_block_names_how_the_layers_differ() -> None:
+    # Item 9: residual weights into a bottleneck model were refused with two identical
+    # descriptions ("saved from ... mask_type='B' ..., but this layer has mask_type='B' ...").
+    residual = PixelCNN(1, 2, hidden_channels=8, num_layers=2, block="residual")
+    bottleneck = PixelCNN(1, 2, hidden_channels=8, num_layers=2, block="bottleneck")
+    with pytest.raises(ValueError, match="saved from a MaskedConv2d") as error:
+        bottleneck.load_state_dict(residual.state_dict())
+    saved, this = (
+        str(error.value)
+        .split(" with ", 1)[1]
+        .split(": the masks")[0]
+        .split(", but this layer has ")
+    )
+    assert saved != this
+    assert "kernel of 8 -> 8 channels" in saved and "kernel of 8 -> 4 channels" in this

@@ -254,9 +254,11 @@ class MaskedConv2d(nn.Conv2d):
     def _mask_description(self) -> str:
         kind = self.mask_type
         name = kind if isinstance(kind, str) else getattr(kind, "__name__", type(kind).__name__)
+        out_channels, in_channels, height, width = self.weight.shape
         return (
             f"mask_type={name!r}, color_groups={self.color_groups}, "
-            f"group_layout={self.group_layout!r}"
+            f"group_layout={self.group_layout!r}, a {height}x{width} kernel of "
+            f"{in_channels} -> {out_channels} channels"
         )
 
     def get_extra_state(self) -> dict[str, str]:
