@@ -239,7 +239,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue a stopped run in OUT_DIR")
     p.add_argument(
-        "--max-steps", type=int, default=None, help="cap every stage's steps (smoke runs)"
+        "--max-steps",
+        type=int,
+        default=None,
+        help="cap every stage's steps, and the images encoded to a batch a step (smoke runs)",
     )
     p.add_argument("--hierarchy", type=int, choices=(1, 2), default=1, help="levels of codes")
     p.add_argument("--batch-size", type=int, default=128)
@@ -399,6 +402,11 @@ def _steps(args: argparse.Namespace, steps: int) -> int:
     return steps if args.max_steps is None else min(steps, args.max_steps)
 
 
+def _capped(args: argparse.Namespace, images: int, batch_size: int) -> int:
+    """How many of ``images`` a run uses: all, or under ``--max-steps`` a batch a step."""
+    return images if args.max_steps is None else min(images, args.max_steps * batch_size)
+
+
 @torch.no_grad()
 def encode_all(
     vqvae: VQVAE, images: Tensor, batch_size: int, device: torch.device, decode: bool
@@ -408,7 +416,8 @@ def encode_all(
     vqvae.eval()
     maps: list[list[Tensor]] = [[] for _ in vqvae.map_sizes]
     squared = 0.0
-    for start in range(0, len(images), batch_size):
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=f"encoding {len(images)} images", dynamic_ncols=True):
         x = images[start : start + batch_size].to(device)
         quantized, codes, _ = vqvae.encode(x)
         if decode:
@@ -520,14 +529,27 @@ def _run(args: argparse.Namespace) -> int:
         vq_step = vq_curve[-1]["step"] if vq_curve else 0
 
         # ---- the code maps of both sets, made once per VQ-VAE
+        # A smoke run (--max-steps) encodes only the maps its priors can use: 70,000 images
+        # take minutes on a CPU.
+        train_maps = _capped(args, len(train), args.batch_size)
+        test_maps = _capped(args, len(test), args.eval_batch_size)
         codes_path = out / "codes.pt"
         codes = None
         if codes_path.exists():
             codes = load_checkpoint(codes_path, ("identity", "step", "train", "test", "test_mse"))
-        if codes is None or codes["identity"] != vq_stage.identity or codes["step"] != vq_step:
+        if (
+            codes is None
+            or codes["identity"] != vq_stage.identity
+            or codes["step"] != vq_step
+            or (len(codes["train"][0]), len(codes["test"][0])) != (train_maps, test_maps)
+        ):
             started = time.perf_counter()
-            train_codes, _ = encode_all(vqvae, train, args.eval_batch_size, device, False)
-            test_codes, test_mse = encode_all(vqvae, test, args.eval_batch_size, device, True)
+            train_codes, _ = encode_all(
+                vqvae, train[:train_maps], args.eval_batch_size, device, False
+            )
+            test_codes, test_mse = encode_all(
+                vqvae, test[:test_maps], args.eval_batch_size, device, True
+            )
             codes = {
                 "identity": vq_stage.identity,
                 "step": vq_step,
@@ -537,12 +559,13 @@ def _run(args: argparse.Namespace) -> int:
             }
             save_checkpoint(codes_path, codes)
             print(
-                f"encoded {len(train) + len(test)} images in {time.perf_counter() - started:.1f} s"
+                f"encoded {train_maps + test_maps} images in {time.perf_counter() - started:.1f} s"
             )
         train_codes, test_codes = codes["train"], codes["test"]
         metrics["vqvae"] = {
             "steps": vq_step,
             "test_reconstruction_mse": codes["test_mse"],
+            "encoded": {"train": train_maps, "test": test_maps},
             "levels": [
                 {"map": list(m.shape[1:]), **codebook_usage(m, args.codebook_size)}
                 for m in test_codes
@@ -613,7 +636,7 @@ def _run(args: argparse.Namespace) -> int:
                 return bits_per_code, {"bits_per_code": bits_per_code.item()}
 
             curve, signal = train_stage(
-                stage, prior, prior_loss, len(train), args.prior_lr, args, stop
+                stage, prior, prior_loss, train_maps, args.prior_lr, args, stop
             )
             if signal is not None:
                 return _stopped(signal, stage)
@@ -621,7 +644,7 @@ def _run(args: argparse.Namespace) -> int:
             nll = prior_nll(
                 prior,
                 test_codes[level],
-                test_labels,
+                test_labels[:test_maps],
                 test_codes[0],
                 cond,
                 args.eval_batch_size,

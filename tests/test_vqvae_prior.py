@@ -192,10 +192,18 @@ def test_stopped_in_each_stage_and_resumed_equals_a_straight_run(
 
 
 @needs_mnist
-def test_outputs_metrics_and_loading_the_final_models(tmp_path: Path) -> None:
+def test_outputs_metrics_and_loading_the_final_models(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert _run(tmp_path) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["vqvae"]["steps"] == 3
+    # Issue 20, item 12: a smoke run encodes a batch a step (3 x 32 training maps, 3 x
+    # 2000 test maps), not all 70,000 images in silence.
+    assert metrics["vqvae"]["encoded"] == {"train": 96, "test": 6000}
+    codes = mc.load_checkpoint(tmp_path / "codes.pt")
+    assert [len(m) for m in codes["train"]] == [96] and [len(m) for m in codes["test"]] == [6000]
+    assert "encoding 6000 images" in capsys.readouterr().err
     level = metrics["vqvae"]["levels"][0]
     assert level["map"] == [7, 7] and 1 <= level["codes_used"] <= 16
     assert 1 <= level["perplexity"] <= level["codes_used"]
