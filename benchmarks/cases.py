@@ -500,3 +500,40 @@ def code_prior_sample_case(rounds: int) -> Result:
         ],
         cache_bytes=IncrementalEvaluator(prior, 100, (7, 7), labels=labels).cache_bytes(),
     )
+
+
+def codec_case(batch: int, rounds: int) -> Result:
+    """Decoding binary MNIST-sized images with ``maskedconv.codec`` against sampling the
+    same number with the same (wavefront) schedule: what the range coder and the
+    frequencies add to the model's steps. The images are the model's own samples."""
+    from maskedconv import codec
+
+    torch.manual_seed(0)
+    model = PixelCNN(1, 2, hidden_channels=64, num_layers=5).to(DEVICE).eval()
+    shape = (batch, 1, 28, 28)
+    images = sample(model, shape, generator=torch.Generator(DEVICE).manual_seed(1))
+    data = codec.encode(model, images, schedule="wavefront")
+
+    def sampled() -> None:
+        sample(model, shape, generator=torch.Generator(DEVICE).manual_seed(0), schedule="wavefront")
+
+    medians = interleaved(
+        {
+            "sample": sampled,
+            "encode": lambda: codec.encode(model, images, schedule="wavefront"),
+            "decode": lambda: codec.decode(model, data),
+        },
+        rounds,
+    )
+    symbols = images.numel()
+    return finish(
+        medians,
+        [
+            ratio("decode / sample", "decode", "sample", "<= 1.5"),
+            ratio("encode / sample", "encode", "sample"),
+        ],
+        symbols=symbols,
+        decode_symbols_per_s=symbols / medians["decode"],
+        encode_symbols_per_s=symbols / medians["encode"],
+        bytes=len(data),
+    )

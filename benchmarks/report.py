@@ -86,6 +86,12 @@ def table(data: dict) -> str:
             )
         if "naive_note" in extra:
             notes.append(extra["naive_note"])
+        if "decode_symbols_per_s" in extra:
+            notes.append(
+                f"decode {extra['decode_symbols_per_s']:,.0f} symbols/s (target >= 40,000), "
+                f"encode {extra['encode_symbols_per_s']:,.0f}; {extra['symbols']} symbols in "
+                f"{extra['bytes']} bytes"
+            )
         lines.append(
             f"- {bench['name'].removeprefix('test_')}: {parts}"
             + ("; " + "; ".join(notes) if notes else "")

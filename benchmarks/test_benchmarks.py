@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 from cases import (
     code_prior_sample_case,
+    codec_case,
     conv_case,
     conv_formulations_case,
     gated_sample_case,
@@ -74,3 +75,7 @@ def test_gated_sampling_b16(benchmark) -> None:
 
 def test_code_prior_sampling_7x7_k512_b100(benchmark) -> None:
     run(benchmark, code_prior_sample_case, rounds=5)
+
+
+def test_codec_decode_b16(benchmark) -> None:
+    run(benchmark, codec_case, 16, rounds=9)
