@@ -292,3 +292,16 @@ def test_missing_data_and_bad_flags_are_one_line_errors(
         with pytest.raises(SystemExit):
             vp.run([flag, value])
         assert message in capsys.readouterr().err
+
+
+@needs_mnist
+def test_compress_codes_the_test_maps_at_the_priors_nll(tmp_path: Path) -> None:
+    pytest.importorskip("constriction", reason="the codec extra is not installed")
+    assert _run(tmp_path, "--hierarchy", "2", "--compress") == 0
+    top, bottom = json.loads((tmp_path / "metrics.json").read_text())["compression"]
+    assert top["map"] == [7, 7] and bottom["map"] == [14, 14]
+    for level in (top, bottom):
+        assert level["decoded_exactly"] == level["maps"] == 6000
+        # Within 0.5% of the prior's NLL, plus the header, a CRC a block and of the stream.
+        fixed = 42 + 4 * -(-level["maps"] // 128) + 8
+        assert level["bytes"] <= 1.005 * level["nll_bits_per_map"] * level["maps"] / 8 + fixed
