@@ -170,13 +170,15 @@ def test_a_decode_that_computes_other_probabilities_fails_loudly(monkeypatch) ->
     model = _model("binary")
     x = _images(model, 4)
     data = codec.encode(model, x, block_size=2)
-    original = codec._level_log_probs
+    import maskedconv._codec as implementation
+
+    original = implementation._level_log_probs
 
     def slightly_off(*args, **kwargs):
         log_probs = original(*args, **kwargs)
         return log_probs + torch.tensor([0.0, 0.05], dtype=log_probs.dtype)
 
-    monkeypatch.setattr(codec, "_level_log_probs", slightly_off)
+    monkeypatch.setattr(implementation, "_level_log_probs", slightly_off)
     with pytest.raises(CodecError, match=r"block 0 \(images 0 to 1\) decoded to other images"):
         codec.decode(model, data)
 
