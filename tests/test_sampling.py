@@ -266,7 +266,7 @@ def test_a_contradicting_colour_order_is_refused() -> None:
         (
             lambda m: m.sample(2, 28),
             ValueError,
-            "image_size must be (H, W), e.g. (28, 28), but got 28",
+            "image_size must be (H, W), two positive ints, but got 28",
         ),
         (
             lambda m: nll_per_dim(torch.zeros(2), 784),

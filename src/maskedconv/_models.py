@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
+from ._checks import image_size as check_image_size
 from ._checks import positive_int
 from ._conditioning import ConditionBias, Conditioning, make_condition_bias, prepare_conditioning
 from ._conv import refuse_torchscript
@@ -452,12 +453,8 @@ class AutoregressiveModel(nn.Module):
                     f"num_samples and image_size go together, but got num_samples={num_samples} "
                     f"and image_size={image_size}"
                 )
-            if not isinstance(image_size, (tuple, list)) or len(image_size) != 2:
-                raise ValueError(
-                    f"image_size must be (H, W), e.g. (28, 28), but got {image_size!r}"
-                )
-            height, width = image_size
-            shape = (num_samples, self.in_channels, height, width)
+            height, width = check_image_size(image_size)
+            shape = (positive_int("num_samples", num_samples), self.in_channels, height, width)
         return _sample(self, shape, **kwargs)
 
 
