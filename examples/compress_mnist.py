@@ -141,13 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     nll = nll_bits(model, test)
 
     started = time.perf_counter()
-    data = codec.encode(model, test, block_size=args.block_size)
+    data = codec.encode(model, test, block_size=args.block_size, progress=True)
     encode_s = time.perf_counter() - started
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "test_images.mcz", data)
     started = time.perf_counter()
-    decoded = codec.decode(model, (out / "test_images.mcz").read_bytes())
+    decoded = codec.decode(model, (out / "test_images.mcz").read_bytes(), progress=True)
     decode_s = time.perf_counter() - started
     exact = int((decoded == test).flatten(1).all(1).sum())
 

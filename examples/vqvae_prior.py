@@ -482,10 +482,10 @@ def compress_codes(
         maps = codes[level][:, None].to(device).long()
         y, cond = labels.to(device), cond_of(level)(codes[0])
         started = time.perf_counter()
-        data = codec.encode(prior, maps, labels=y, cond=cond)
+        data = codec.encode(prior, maps, labels=y, cond=cond, progress=True)
         encode_s = time.perf_counter() - started
         started = time.perf_counter()
-        decoded = codec.decode(prior, data, labels=y, cond=cond)
+        decoded = codec.decode(prior, data, labels=y, cond=cond, progress=True)
         decode_s = time.perf_counter() - started
         exact = int((decoded == maps).flatten(1).all(1).sum())
         nll = prior_nll(prior, codes[level], labels, codes[0], cond_of(level), 500, device)

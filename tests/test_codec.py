@@ -211,3 +211,12 @@ def test_bad_input_is_refused_clearly(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "constriction", None)
     with pytest.raises(ImportError, match=r"pip install 'maskedconv\[codec\]'"):
         codec.encode(model, torch.zeros(1, 1, 4, 4, dtype=torch.long))
+
+
+def test_progress_shows_the_blocks(capsys) -> None:
+    model = _model("binary")
+    x = _images(model, 5)
+    data = codec.encode(model, x, block_size=2, progress=True)
+    assert torch.equal(codec.decode(model, data, progress=True), x)
+    err = capsys.readouterr().err
+    assert "encoding 5 images" in err and "decoding 5 images" in err

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import positive_int
-from ._evaluation import _evaluator, _model_device
+from ._evaluation import _evaluator, _model_device, _progress
 from ._heads import Categorical, OutputHead
 from ._schedules import Schedule, model_slope, raster, wavefront
 
@@ -278,6 +278,7 @@ def encode(
     cond: Tensor | None = None,
     schedule: str = "auto",
     block_size: int = 128,
+    progress: bool = False,
 ) -> bytes:
     """Compress integer images with ``model``'s probabilities: about its NLL in bytes.
 
@@ -289,6 +290,7 @@ def encode(
         schedule: ``"auto"``, ``"raster"`` or ``"wavefront"``: the decode order (stored).
         block_size: images coded together (stored; ``decode`` uses it, whatever the
             caller's batch). Each block adds a 4-byte CRC.
+        progress: show the blocks done (tqdm's bar if installed, else lines on stderr).
 
     Returns:
         The stream: a header, a CRC per block, the range coder's words, a CRC of it all.
@@ -344,6 +346,9 @@ def encode(
         _device_kind(device),
     )
 
+    blocks = -(-batch // block)
+    bar = _progress(blocks, f"encoding {batch} images") if progress else None
+
     def run() -> list[int]:
         crcs = []
         for start in range(0, batch, block):
@@ -351,6 +356,8 @@ def encode(
             kwargs = _block_kwargs(labels, cond, start, stop)
             coded = _code_block(model, plan, images[start:stop], coder, kwargs)
             crcs.append(_block_crc(coded))
+            if bar is not None:
+                bar(len(crcs))
         return crcs
 
     crcs = _in_eval_mode(model, run)
@@ -364,6 +371,7 @@ def decode(
     *,
     labels: Tensor | None = None,
     cond: Tensor | None = None,
+    progress: bool = False,
 ) -> Tensor:
     """The images ``encode`` compressed, exactly, or ``CodecError``.
 
@@ -372,6 +380,7 @@ def decode(
         data: the stream.
         labels: the same labels as for ``encode``.
         cond: the same conditioning map as for ``encode``.
+        progress: show the blocks done (tqdm's bar if installed, else lines on stderr).
 
     Returns:
         ``(B, C, H, W)`` int64 images, on the model's device.
@@ -428,6 +437,8 @@ def decode(
 
     coder = _Coder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
 
+    bar = _progress(blocks, f"decoding {batch} images") if progress else None
+
     def run() -> Tensor:
         out = torch.empty(batch, channels, height, width, dtype=torch.long, device=device)
         for index, start in enumerate(range(0, batch, block)):
@@ -443,6 +454,8 @@ def decode(
                     f"encoder (another device kind or torch version?)"
                 )
             out[start:stop] = decoded
+            if bar is not None:
+                bar(index + 1)
         if not coder.exhausted():
             raise CodecError("the stream holds more data than its images: it was altered")
         return out
