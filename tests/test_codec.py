@@ -220,3 +220,53 @@ def test_progress_shows_the_blocks(capsys) -> None:
     assert torch.equal(codec.decode(model, data, progress=True), x)
     err = capsys.readouterr().err
     assert "encoding 5 images" in err and "decoding 5 images" in err
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_each_heads_level_log_probs_are_its_log_prob_of_every_level(channels: int) -> None:
+    # The library heads compute the distribution directly; the base class scores every
+    # level with log_prob. Both must agree, or the file would not be the NLL.
+    from maskedconv import Categorical, DiscretizedLogisticMixture, OutputHead
+
+    torch.manual_seed(0)
+    given = torch.randint(0, 256, (6, channels))
+    for head, params in (
+        (
+            DiscretizedLogisticMixture(256, 3),
+            torch.randn(
+                6, 3 * (1 + 2 * channels + channels * (channels - 1) // 2), dtype=torch.float64
+            ),
+        ),
+        (Categorical(256), torch.randn(6, channels, 256, dtype=torch.float64)),
+    ):
+        for c in range(channels):
+            direct = head.level_log_probs(params, given, c)
+            scored = OutputHead.level_log_probs(head, params, given, c)
+            torch.testing.assert_close(direct, scored, rtol=0, atol=1e-12)
+            assert torch.allclose(direct.exp().sum(1), torch.ones(6, dtype=torch.float64))
+
+
+def test_a_head_of_your_own_is_coded_through_its_log_prob() -> None:
+    from maskedconv import OutputHead
+
+    class Bernoulli(OutputHead):
+        levels = 2
+
+        def num_params(self, channels):
+            return channels
+
+        def log_prob(self, params, x):
+            return -torch.nn.functional.binary_cross_entropy_with_logits(
+                params, x.to(params.dtype), reduction="none"
+            )
+
+        def sample(self, params, given, wanted, *, channels, noise, temperature):
+            p = torch.sigmoid(params[:, channels] / temperature)
+            return (noise[:, channels] < p).long()
+
+    torch.manual_seed(0)
+    model = PixelCNN(1, 2, hidden_channels=8, num_layers=2, kernel_size=3, head=Bernoulli()).eval()
+    x = _images(model, 4)
+    data = codec.encode(model, x)
+    assert torch.equal(codec.decode(model, data), x)
+    assert len(data) <= 1.005 * _nll_bytes(model, x) + 42 + 4 + 4 + 8

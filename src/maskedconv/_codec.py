@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ._checks import positive_int
 from ._evaluation import _evaluator, _model_device, _progress
-from ._heads import Categorical, OutputHead
+from ._heads import OutputHead
 from ._schedules import Schedule, model_slope, raster, wavefront
 
 __all__ = ["PRECISION", "CodecError", "decode", "encode", "frequencies"]
@@ -72,17 +72,8 @@ def frequencies(log_probs: Tensor) -> Tensor:
 
 
 def _level_log_probs(head: OutputHead, params: Tensor, given: Tensor, channel: int) -> Tensor:
-    """``(N, K)`` log p of every level of ``channel`` at N positions, given the earlier
-    channels' values in ``given`` (``(N, C)``) and the parameters ``(N, ...)``."""
-    if type(head).log_prob is Categorical.log_prob:
-        return torch.log_softmax(params[:, channel].double(), dim=-1)
-    # Any other head, from its own log_prob: every level of the channel scored once.
-    levels = head.levels
-    n = len(given)
-    candidates = given.repeat_interleave(levels, 0)
-    candidates[:, channel] = torch.arange(levels, device=given.device).repeat(n)
-    scores = head.log_prob(params.repeat_interleave(levels, 0), candidates)
-    return scores[:, channel].double().view(n, levels)
+    """``(N, K)`` float64 log p of every level of ``channel`` (``OutputHead.level_log_probs``)."""
+    return head.level_log_probs(params, given, channel).double()
 
 
 class _Coder:
@@ -181,7 +172,10 @@ def _model_digest(model: nn.Module) -> bytes:
     config = getattr(model, "config", None)
     to_dict = getattr(config, "to_dict", None)
     described = to_dict() if callable(to_dict) else None
-    parts = [type(model).__qualname__.encode(), json.dumps(described, sort_keys=True).encode()]
+    parts = [
+        type(model).__qualname__.encode(),
+        json.dumps(described, sort_keys=True, default=_by_class).encode(),
+    ]
     for name, value in sorted(model.state_dict().items()):
         parts.append(name.encode())
         if isinstance(value, Tensor):
@@ -189,6 +183,12 @@ def _model_digest(model: nn.Module) -> bytes:
         else:  # a layer's extra state (its mask's description)
             parts.append(json.dumps(value, sort_keys=True, default=str).encode())
     return _digest(*parts, size=8)
+
+
+def _by_class(value: object) -> str:
+    # A config value JSON cannot hold (a head of your own): its class, never its repr,
+    # which may hold an address that differs between processes.
+    return f"{type(value).__module__}.{type(value).__qualname__}"
 
 
 def _optional_digest(value: Tensor | None, integer: bool = False) -> bytes:

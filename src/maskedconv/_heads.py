@@ -133,6 +133,27 @@ class OutputHead(ABC):
             ``(B, n)`` int64 values of ``channels``.
         """
 
+    def level_log_probs(self, params: Tensor, given: Tensor, channel: int) -> Tensor:
+        """``log p`` of every level of ``channel`` at N positions: what a coder needs.
+
+        The default scores each of the K levels with ``log_prob``; a head may compute it
+        directly (both library heads do).
+
+        Args:
+            params: the parameters at N positions, ``(N, ...)`` (as for ``sample``).
+            given: ``(N, C)`` values; the channels before ``channel`` are final.
+            channel: the channel whose distribution is wanted.
+
+        Returns:
+            ``(N, K)``, in at least float32.
+        """
+        levels = self.levels
+        n = len(given)
+        candidates = given.repeat_interleave(levels, 0)
+        candidates[:, channel] = torch.arange(levels, device=given.device).repeat(n)
+        scores = self.log_prob(params.repeat_interleave(levels, 0), candidates)
+        return scores[:, channel].reshape(n, levels)
+
     def config(self) -> dict[str, Any]:
         """The model-config fields that rebuild this head (``head=`` and its options)."""
         raise NotImplementedError(f"{type(self).__name__} cannot be stored in a config")
@@ -181,6 +202,10 @@ class Categorical(OutputHead):
     ) -> Tensor:
         # Sub-pixels are independent given the parameters: one draw for the group.
         return draw_from_log_probs(params[:, channels], temperature, noise[:, channels])
+
+    def level_log_probs(self, params: Tensor, given: Tensor, channel: int) -> Tensor:
+        dtype = torch.promote_types(params.dtype, torch.float32)
+        return torch.log_softmax(params[:, channel].to(dtype), dim=-1)
 
     def config(self) -> dict[str, Any]:
         return {"head": "categorical"}
@@ -325,6 +350,22 @@ class DiscretizedLogisticMixture(OutputHead):
                 weights + bins.gather(2, draw[:, None, None].expand(-1, bins.shape[1], 1))[..., 0]
             )
         return values[:, channels]
+
+    def level_log_probs(self, params: Tensor, given: Tensor, channel: int) -> Tensor:
+        # The K bins of the channel's mixture, its components weighted by how well each
+        # explains the channels before it at the pixel.
+        dtype = torch.promote_types(params.dtype, torch.float32)
+        logits, means, log_scales, coeffs = self._split(params.to(dtype))  # no spatial dims
+        scaled = self._scaled(given, dtype)
+        weights = torch.log_softmax(logits, dim=1)  # (N, M)
+        for c in range(channel):
+            mean = self._coupled_mean(means, coeffs, scaled, c)
+            weights = weights + self._bin_log_prob(given[:, c, None], mean, log_scales[:, c])
+        mean = self._coupled_mean(means, coeffs, scaled, channel)
+        levels = torch.arange(self.levels, device=params.device)
+        bins = self._bin_log_prob(levels, mean[..., None], log_scales[:, channel, :, None])
+        joint = torch.logsumexp(weights[..., None] + bins, dim=1)  # (N, K)
+        return joint - torch.logsumexp(weights, dim=1, keepdim=True)
 
     def config(self) -> dict[str, Any]:
         return {"head": "dmol", "num_mixtures": self.num_mixtures}
