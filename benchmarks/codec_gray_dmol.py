@@ -3,7 +3,7 @@
     python benchmarks/codec_gray_dmol.py --data-dir ../shared/data/mnist
 
 Trains a small ``PixelCNN(1, 256, head="dmol")`` (4 layers, 32 filters; 200 steps of 64
-images, Adam 1e-3, clipping at 1), then codes the first 500 test images and decodes them.
+images, Adam 1e-3, clipping at 1), then codes the test images and decodes them.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", default="data/mnist")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--images", type=int, default=10_000)
     args = parser.parse_args()
     torch.manual_seed(0)
     mnist = load_mnist(Path(args.data_dir), download=False)
