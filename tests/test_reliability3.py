@@ -336,19 +336,24 @@ def test_a_leak_in_a_custom_heads_log_prob_is_caught() -> None:
     assert_causal(model, (3, 1, 4, 4))
 
 
-def test_the_checker_runs_one_test_per_image_of_the_batch() -> None:
-    # Item 3: the default GatedPixelCNN took 129 s. Each image of the batch now runs a
-    # different test, instead of all of them the same one.
-    from maskedconv import assert_causal
-
-    calls = []
+def _counted_pixelcnn(levels: int) -> tuple[PixelCNN, list[int]]:
+    """A small PixelCNN that records the batch of every forward pass."""
+    calls: list[int] = []
 
     class Counted(PixelCNN):
         def forward(self, x, labels=None, cond=None):  # type: ignore[override]
             calls.append(len(x))
             return super().forward(x, labels, cond)
 
-    model = Counted(1, 2, hidden_channels=4, num_layers=1, kernel_size=3)
+    return Counted(1, levels, hidden_channels=4, num_layers=1, kernel_size=3), calls
+
+
+def test_the_checker_runs_one_test_per_image_of_the_batch() -> None:
+    # Item 3: the default GatedPixelCNN took 129 s. Each image of the batch now runs a
+    # different test, instead of all of them the same one.
+    from maskedconv import assert_causal
+
+    model, calls = _counted_pixelcnn(levels=2)
     assert_causal(model, (3, 1, 6, 6))
     per_pass = len(calls) / 4  # 2 dtypes x 2 modes
     # A base, all changed (once: it moves), 3 images x 2 trials for the batch, 36 pixels
@@ -362,14 +367,7 @@ def test_a_costly_check_says_what_it_costs(monkeypatch) -> None:
     import maskedconv._causality as causality
     from maskedconv import assert_causal
 
-    calls = []
-
-    class Counted(PixelCNN):
-        def forward(self, x, labels=None, cond=None):  # type: ignore[override]
-            calls.append(len(x))
-            return super().forward(x, labels, cond)
-
-    model = Counted(1, 4, hidden_channels=4, num_layers=1, kernel_size=3)
+    model, calls = _counted_pixelcnn(levels=4)
     monkeypatch.setattr(causality, "_COSTLY", 100)
     with pytest.warns(UserWarning, match=r"about ([\d,]+) forward passes .* at 3x3 already") as w:
         assert_causal(model, (3, 1, 6, 6))
