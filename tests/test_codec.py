@@ -196,10 +196,12 @@ def test_frequencies_are_exact_integers_with_no_level_at_zero() -> None:
 
 def test_bad_input_is_refused_clearly(monkeypatch) -> None:
     model = _model("binary")
-    with pytest.raises(TypeError, match="x must be an integer tensor"):
+    with pytest.raises(TypeError, match="x must be an integer image tensor"):
         codec.encode(model, torch.zeros(1, 1, 4, 4))
-    with pytest.raises(ValueError, match=r"x must be \(B, 1, H, W\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 1, H, W\)"):
         codec.encode(model, torch.zeros(1, 3, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="x must hold at least one image"):
+        codec.encode(model, torch.zeros(0, 1, 4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"values in \[0, 2\).*values in \[2, 2\]"):
         codec.encode(model, torch.full((1, 1, 4, 4), 2))
     with pytest.raises(ValueError, match="block_size must be"):

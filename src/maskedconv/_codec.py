@@ -7,16 +7,16 @@ import json
 import struct
 import warnings
 import zlib
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._checks import positive_int
-from ._evaluation import _evaluator, _model_device, _progress
+from ._evaluation import _evaluator, _model_device, _progress, evaluating
 from ._heads import OutputHead
-from ._schedules import Schedule, model_slope, raster, wavefront
+from ._models import AutoregressiveModel
+from ._schedules import Schedule, raster, resolve_schedule, wavefront
 
 __all__ = ["PRECISION", "CodecError", "decode", "encode", "frequencies"]
 
@@ -122,7 +122,7 @@ class _Coder:
 
 
 def _code_block(
-    model: nn.Module,
+    model: AutoregressiveModel,
     schedule: Schedule,
     images: Tensor,
     coder: _Coder,
@@ -134,7 +134,7 @@ def _code_block(
     same values in the same calls (later groups at 0 until coded), so both compute the
     same probabilities. Returns the images coded.
     """
-    head: OutputHead = model.head  # type: ignore[assignment]
+    head = model.head
     out = torch.zeros_like(images)
     evaluator = _evaluator(model, "auto", tuple(images.shape), schedule=schedule, **kwargs)
     while not evaluator.done:
@@ -197,41 +197,31 @@ def _optional_digest(value: Tensor | None, integer: bool = False) -> bytes:
     return _digest(b"" if value is None else _tensor_bytes(value), size=4)
 
 
-def _schedule_of(model: nn.Module, size: tuple[int, int], name: str) -> tuple[int, int]:
-    """``(kind, slope)`` of a named schedule: kind 0 raster, 1 wavefront."""
+def _schedule_of(model: nn.Module, size: tuple[int, int], name: str) -> tuple[int, int, Schedule]:
+    """``(kind, slope, schedule)`` of a named schedule: kind 0 raster, 1 wavefront."""
     if name not in ("auto", "raster", "wavefront"):
         raise ValueError(
             f"schedule must be 'auto', 'raster' or 'wavefront' (a stream stores its name), "
             f"but got {name!r}"
         )
-    has_trunk = callable(getattr(model, "units", None))
-    if name == "raster" or (name == "auto" and not has_trunk):
-        return 0, size[1]
-    slope = min(model_slope(model), size[1])
-    front = wavefront(model, size, slope=slope)
-    if name == "auto" and 2 * len(front) > size[0] * size[1]:
-        return 0, size[1]  # as sample() decides: the wavefront only where it halves steps
-    return 1, slope
+    plan = resolve_schedule(name, model, size)
+    # Every wavefront numbers its lines densely, so the first position of row 1 is at
+    # step `slope` (raster: slope W).
+    slope = int(plan.rank[1, 0]) if size[0] > 1 else size[1]
+    return (0 if slope >= size[1] else 1), slope, plan
 
 
 def _rebuild_schedule(model: nn.Module, size: tuple[int, int], kind: int, slope: int) -> Schedule:
     return raster(size) if kind == 0 else wavefront(model, size, slope=slope)
 
 
-def _check_model(model: object) -> tuple[OutputHead, int, int]:
-    head, levels = getattr(model, "head", None), getattr(model, "levels", None)
-    channels = getattr(model, "in_channels", None)
-    if (
-        not isinstance(model, nn.Module)
-        or not isinstance(head, OutputHead)
-        or not isinstance(levels, int)
-        or not isinstance(channels, int)
-    ):
+def _check_model(model: object) -> AutoregressiveModel:
+    if not isinstance(model, AutoregressiveModel):
         raise TypeError(
-            f"model must be a model of this library (an nn.Module with a head, int levels and "
-            f"in_channels, like PixelCNN or GatedPixelCNN), but got {type(model).__name__}"
+            f"model must be a model of this library (like PixelCNN or GatedPixelCNN), but "
+            f"got {type(model).__name__}"
         )
-    return head, levels, channels
+    return model
 
 
 def _block_kwargs(
@@ -249,25 +239,8 @@ def _block_crc(images: Tensor) -> int:
     return zlib.crc32(images.to("cpu", torch.int32).numpy().tobytes())
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
 def _device_kind(device: torch.device) -> int:
     return _DEVICES.index(device.type) if device.type in _DEVICES else 255
-
-
-def _in_eval_mode(model: nn.Module, run: Callable[[], Any]) -> Any:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            return run()
-    finally:
-        model.train(was_training)
 
 
 def encode(
@@ -301,32 +274,18 @@ def encode(
             not match the model, or a model whose output is NaN.
         ImportError: without constriction (``pip install 'maskedconv[codec]'``).
     """
-    _, levels, channels = _check_model(model)
+    model = _check_model(model)
+    levels, channels = model.levels, model.in_channels
     coder = _Coder()
-    if (
-        not isinstance(x, Tensor)
-        or x.is_floating_point()
-        or x.is_complex()
-        or x.dtype == torch.bool
-    ):
-        raise TypeError(f"x must be an integer tensor (B, C, H, W), but got {type(x).__name__}")
-    if x.dim() != 4 or x.shape[1] != channels or not all(x.shape):
-        raise ValueError(
-            f"x must be (B, {channels}, H, W) with B, H, W >= 1 for a model of {channels} "
-            f"channels, but got {tuple(x.shape)}"
-        )
-    if int(x.min()) < 0 or int(x.max()) >= levels:
-        raise ValueError(
-            f"x must have values in [0, {levels}) (the model's levels), but got values in "
-            f"[{int(x.min())}, {int(x.max())}]"
-        )
+    model._check_images(x)  # the checks and messages of the model's forward
+    if not x.numel():
+        raise ValueError(f"x must hold at least one image of one pixel, but got {tuple(x.shape)}")
     block = positive_int("block_size", block_size)
     batch, _, height, width = x.shape
     if batch >= 1 << 32 or max(height, width, channels, levels) >= 1 << 16:
         raise ValueError(f"x of shape {tuple(x.shape)} is too large for the stream's header")
     block = min(block, batch, (1 << 16) - 1)
-    kind, slope = _schedule_of(model, (height, width), schedule)
-    plan = _rebuild_schedule(model, (height, width), kind, slope)
+    kind, slope, plan = _schedule_of(model, (height, width), schedule)
     device = _model_device(model)
     images = x.to(device=device, dtype=torch.long)
     header = _HEADER.pack(
@@ -349,8 +308,8 @@ def encode(
     blocks = -(-batch // block)
     bar = _progress(blocks, f"encoding {batch} images") if progress else None
 
-    def run() -> list[int]:
-        crcs = []
+    crcs: list[int] = []
+    with evaluating(model):
         for start in range(0, batch, block):
             stop = min(start + block, batch)
             kwargs = _block_kwargs(labels, cond, start, stop)
@@ -358,9 +317,6 @@ def encode(
             crcs.append(_block_crc(coded))
             if bar is not None:
                 bar(len(crcs))
-        return crcs
-
-    crcs = _in_eval_mode(model, run)
     body = header + b"".join(_CRC.pack(c) for c in crcs) + coder.words()
     return body + _CRC.pack(zlib.crc32(body))
 
@@ -392,7 +348,8 @@ def decode(
             torch version); the message says which.
         ImportError: without constriction (``pip install 'maskedconv[codec]'``).
     """
-    _, levels, channels = _check_model(model)
+    model = _check_model(model)
+    levels, channels = model.levels, model.in_channels
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, but got {type(data).__name__}")
     data = bytes(data)
@@ -438,9 +395,8 @@ def decode(
     coder = _Coder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
 
     bar = _progress(blocks, f"decoding {batch} images") if progress else None
-
-    def run() -> Tensor:
-        out = torch.empty(batch, channels, height, width, dtype=torch.long, device=device)
+    out = torch.empty(batch, channels, height, width, dtype=torch.long, device=device)
+    with evaluating(model):
         for index, start in enumerate(range(0, batch, block)):
             stop = min(start + block, batch)
             shape = (stop - start, channels, height, width)
@@ -456,12 +412,9 @@ def decode(
             out[start:stop] = decoded
             if bar is not None:
                 bar(index + 1)
-        if not coder.exhausted():
-            raise CodecError("the stream holds more data than its images: it was altered")
-        return out
-
-    result: Tensor = _in_eval_mode(model, run)
-    return result
+    if not coder.exhausted():
+        raise CodecError("the stream holds more data than its images: it was altered")
+    return out
 
 
 def _read_header(data: bytes) -> tuple[Any, ...]:

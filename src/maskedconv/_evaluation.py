@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -469,6 +470,18 @@ def _evaluator(model: nn.Module, method: str, shape: tuple[int, ...], **options:
     return FullForwardEvaluator(model, batch, (height, width), channels=shape[1], **options)
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """The block in eval mode and ``torch.inference_mode``; the model's mode restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -557,25 +570,20 @@ def sample(
     # schedule, the method or the batch layout of the steps.
     noise = torch.rand(images.shape, generator=generator, device=device, dtype=torch.float64)
 
-    was_training = model.training
-    model.eval()
     # Inference mode skips autograd's bookkeeping on every small op of the loop;
     # ``images`` was made outside it, so it comes back a normal tensor.
-    try:
-        with torch.inference_mode():
-            evaluator = _evaluator(
-                model,
-                method,
-                tuple(images.shape),
-                schedule=schedule,
-                color_groups=color_groups,
-                group_layout=group_layout,
-                labels=labels,
-                cond=cond,
-            )
-            head = _draw_all(evaluator, images, known, noise, head, temperature, progress)
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        evaluator = _evaluator(
+            model,
+            method,
+            tuple(images.shape),
+            schedule=schedule,
+            color_groups=color_groups,
+            group_layout=group_layout,
+            labels=labels,
+            cond=cond,
+        )
+        head = _draw_all(evaluator, images, known, noise, head, temperature, progress)
     return images
 
 
