@@ -29,6 +29,7 @@ from ._steps import (
     RowStream,
     StepContext,
     UnitStep,
+    masked_weight,
 )
 
 __all__ = [
@@ -480,10 +481,7 @@ class _GatedStep(UnitStep):
         self.h_bias = _bias_step(block.h_condition, context)
         self.link = ConvStep(block.link, context)
         # h_out and skip read the same gated vector: one matmul for both, (h, 2h).
-        both = [
-            torch.where(c.mask.bool(), c.weight, 0.0).detach()[:, :, 0, 0]
-            for c in (block.h_out, block.skip)
-        ]
+        both = [masked_weight(c)[:, :, 0, 0] for c in (block.h_out, block.skip)]
         self.out_weight = torch.cat(both).t().contiguous()
         self.out_bias = torch.cat(
             [

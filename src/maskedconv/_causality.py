@@ -43,6 +43,11 @@ def _groups(channels: int, color_groups: int, group_layout: str) -> Tensor:
     )
 
 
+def _check_color_groups(color_groups: object) -> None:
+    if isinstance(color_groups, bool) or not isinstance(color_groups, int) or color_groups < 1:
+        raise ValueError(f"color_groups must be a positive int, but got {color_groups!r}")
+
+
 def allowed_dependencies(
     out_channels: int,
     in_channels: int,
@@ -69,8 +74,7 @@ def allowed_dependencies(
     """
     if mask_type not in ("A", "B"):
         raise ValueError(f"mask_type must be 'A' or 'B', but got {mask_type!r}")
-    if isinstance(color_groups, bool) or not isinstance(color_groups, int) or color_groups < 1:
-        raise ValueError(f"color_groups must be a positive int, but got {color_groups!r}")
+    _check_color_groups(color_groups)
     go = _groups(out_channels, color_groups, group_layout)
     gi = _groups(in_channels, color_groups, group_layout)
     pos = torch.arange(height * width) if order is None else order.reshape(-1).long()
@@ -124,8 +128,7 @@ class _Rule:
             if color_groups is None:  # e.g. an nn.Sequential of G = 3 layers
                 found = [getattr(m, "color_groups", None) for m in _submodules(module)]
                 color_groups = max([g for g in found if isinstance(g, int)], default=1)
-        if isinstance(color_groups, bool) or not isinstance(color_groups, int) or color_groups < 1:
-            raise ValueError(f"color_groups must be a positive int, but got {color_groups!r}")
+        _check_color_groups(color_groups)
         if group_layout is None:
             group_layout = _found(module, "group_layout", None)
             if group_layout is None:

@@ -135,6 +135,19 @@ class CausalUnit(nn.Module):
         return None
 
 
+def masked_weight(conv: nn.Conv2d) -> Tensor:
+    """``conv``'s weight with its masked taps at zero, detached: what a step multiplies by.
+
+    ``where``, not a product: a NaN in a masked-out weight must not reach anything. A
+    ``MaskedConv2d`` whose mask was edited in place is refused.
+    """
+    weight = conv.weight.detach()
+    if not isinstance(conv, MaskedConv2d):
+        return weight
+    conv.check_mask_unchanged()
+    return torch.where(conv.mask.bool(), weight, 0.0)
+
+
 class ConvStep:
     """A ``MaskedConv2d`` (or ``nn.Conv2d``) at a set of positions, from a cache of its input.
 
@@ -148,11 +161,7 @@ class ConvStep:
 
     def __init__(self, conv: nn.Conv2d, context: StepContext) -> None:
         height, width = context.schedule.height, context.schedule.width
-        weight = conv.weight.detach()
-        if isinstance(conv, MaskedConv2d):
-            conv.check_mask_unchanged()
-            # where, not a product: a NaN in a masked-out weight must not reach anything.
-            weight = torch.where(conv.mask.bool(), weight, 0.0)
+        weight = masked_weight(conv)
         if conv.groups != 1:  # a grouped conv as the dense conv it equals
             out_c, per_group = weight.shape[:2]
             dense = weight.new_zeros(out_c, per_group * conv.groups, *weight.shape[2:])
