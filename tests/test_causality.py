@@ -466,7 +466,10 @@ def test_a_sequential_of_grouped_layers_is_checked_with_its_groups() -> None:
     [
         (dict(mask_type="b"), "mask_type must be 'A' or 'B', but got 'b'"),
         (dict(mask_type="C"), "mask_type must be 'A' or 'B', but got 'C'"),
-        (dict(color_groups=0), "color_groups must be a positive int, but got 0"),
+        (
+            dict(color_groups=0),
+            "color_groups must be a positive int or a non-empty list of positive group sizes, but got 0",
+        ),
         (
             dict(group_layout="rows"),
             "group_layout must be one of ('blocked', 'interleaved'), but got 'rows'",

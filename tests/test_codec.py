@@ -121,7 +121,10 @@ def test_both_schedules_decode_and_are_stored() -> None:
     assert raster_data != front_data  # the same symbols, coded in another order
     for data in (raster_data, front_data):
         assert torch.equal(codec.decode(model, data), x)
-    with pytest.raises(ValueError, match="schedule must be 'auto', 'raster' or 'wavefront'"):
+    with pytest.raises(
+        ValueError,
+        match=r"schedule must be one of \('auto', 'raster', 'wavefront', 'checkerboard'\)",
+    ):
         codec.encode(model, x, schedule="diagonal")
 
 

@@ -150,12 +150,12 @@ def _not_tensor(**kw):
         (
             dict(mask_type="C"),
             ValueError,
-            ["mask_type must be one of ('A', 'B') or a callable, but got 'C'"],
+            ["mask_type must be one of ('A', 'B', 'checkerboard') or a callable, but got 'C'"],
         ),
         (
             dict(mask_type=3),
             TypeError,
-            ["mask_type must be one of ('A', 'B') or a callable, but got int 3"],
+            ["mask_type must be one of ('A', 'B', 'checkerboard') or a callable, but got int 3"],
         ),
         (
             dict(kernel_size=4),
@@ -206,7 +206,7 @@ def _not_tensor(**kw):
             ValueError,
             ["group_layout must be one of ('blocked', 'interleaved'), but got 'striped'"],
         ),
-        (dict(color_groups=0), ValueError, ["color_groups must be a positive int, but got 0"]),
+        (dict(color_groups=0), ValueError, ["color_groups must be a positive int", "but got 0"]),
         (dict(in_channels=0), ValueError, ["in_channels must be a positive int, but got 0"]),
         (
             dict(mask_type=_wrong_shape),

@@ -54,7 +54,9 @@ def test_nll_per_dim_refuses_an_empty_image_shape() -> None:
 
 def test_allowed_dependencies_refuses_zero_colour_groups() -> None:
     # Item 9: ZeroDivisionError.
-    with pytest.raises(ValueError, match="color_groups must be a positive int, but got 0"):
+    with pytest.raises(
+        ValueError, match=r"color_groups must be a positive int or a non-empty list .* but got 0"
+    ):
         allowed_dependencies(2, 2, 2, 2, color_groups=0)
 
 

@@ -16,13 +16,14 @@ from ._blocks import (
 from ._causality import allowed_dependencies, assert_causal, receptive_field
 from ._conv import MaskedConv2d, masked_conv2d
 from ._evaluation import Evaluator, FullForwardEvaluator, IncrementalEvaluator, sample
+from ._export import DecodeStep
 from ._formulations import chosen_formulations, set_conv_autotune
 from ._gated import GatedPixelCNN, GatedPixelCNNConfig
 from ._heads import Categorical, DiscretizedLogisticMixture, OutputHead
-from ._masks import MaskFunction, make_mask, mask_a, mask_b
+from ._masks import MaskFunction, make_mask, mask_a, mask_b, mask_checkerboard
 from ._models import nll_per_dim
 from ._pixelcnn import PixelCNN, PixelCNNConfig
-from ._schedules import Positions, Schedule, model_slope, raster, wavefront
+from ._schedules import Positions, Schedule, checkerboard, model_slope, raster, wavefront
 from ._steps import CausalUnit, ConvStep, NoIncrementalPathError, StepContext, UnitStep
 from ._version import __version__ as __version__
 
@@ -32,6 +33,7 @@ __all__ = [
     "CausalUnit",
     "ConvStep",
     "ConvUnit",
+    "DecodeStep",
     "DiscretizedLogisticMixture",
     "Evaluator",
     "FullForwardEvaluator",
@@ -54,10 +56,12 @@ __all__ = [
     "UnitStep",
     "allowed_dependencies",
     "assert_causal",
+    "checkerboard",
     "chosen_formulations",
     "make_mask",
     "mask_a",
     "mask_b",
+    "mask_checkerboard",
     "masked_conv2d",
     "model_slope",
     "nll_per_dim",

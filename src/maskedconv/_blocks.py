@@ -20,7 +20,14 @@ from torch import Tensor, nn
 
 from ._conditioning import ConditionBias, Conditioning, make_condition_bias
 from ._conv import MaskedConv2d
-from ._masks import check_group_layout, group_split_error
+from ._masks import (
+    ColorGroups,
+    check_color_groups,
+    group_slices,
+    group_split_error,
+    group_unit,
+    normal_color_groups,
+)
 from ._steps import (
     BiasStep,
     CausalUnit,
@@ -134,7 +141,7 @@ class ResidualBlock(CausalUnit):
         channels: int,
         kernel_size: int = 7,
         *,
-        color_groups: int = 1,
+        color_groups: ColorGroups = 1,
         group_layout: str = "blocked",
         num_classes: int | None = None,
         cond_channels: int | None = None,
@@ -166,8 +173,8 @@ class GroupLayerNorm(nn.Module):
     pixel and break the channel order; normalising within each group keeps it.
 
     Args:
-        channels: C, divisible by ``color_groups``.
-        color_groups: number of ordered channel groups G.
+        channels: C, divisible by ``color_groups`` (uneven: by the sum of the sizes).
+        color_groups: number of ordered channel groups G, or their uneven sizes.
         group_layout: ``"blocked"`` or ``"interleaved"``.
         eps: added to the variance.
     """
@@ -176,14 +183,13 @@ class GroupLayerNorm(nn.Module):
         self,
         channels: int,
         *,
-        color_groups: int = 1,
+        color_groups: ColorGroups = 1,
         group_layout: str = "blocked",
         eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        check_group_layout(group_layout)
-        if channels % color_groups:
-            raise group_split_error("channels", channels, color_groups)
+        check_color_groups(color_groups, group_layout, channels=channels)
+        color_groups = normal_color_groups(color_groups)
         self.channels = channels
         self.color_groups = color_groups
         self.group_layout = group_layout
@@ -196,6 +202,20 @@ class GroupLayerNorm(nn.Module):
         x = x.movedim(dim, 1)
         b, c, *spatial = x.shape
         g = self.color_groups
+        trailing = (1,) * len(spatial)
+        if not isinstance(g, int):  # uneven groups, blocked: each block on its own
+            parts = [x[:, chans] for chans in group_slices(c, g)]
+            means = [p.mean(1, keepdim=True) for p in parts]
+            variances = [p.var(1, unbiased=False, keepdim=True) for p in parts]
+            normed = torch.cat(
+                [
+                    (p - m) * torch.rsqrt(v + self.eps)
+                    for p, m, v in zip(parts, means, variances, strict=True)
+                ],
+                dim=1,
+            )
+            out = normed * self.weight.view(c, *trailing) + self.bias.view(c, *trailing)
+            return out.movedim(1, dim)
         if self.group_layout == "blocked":
             grouped = x.reshape(b, g, c // g, *spatial)  # (B, G, C/G, *S)
             axis = 2
@@ -205,7 +225,6 @@ class GroupLayerNorm(nn.Module):
         mean = grouped.mean(axis, keepdim=True)
         var = grouped.var(axis, unbiased=False, keepdim=True)
         normed = ((grouped - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
-        trailing = (1,) * len(spatial)
         out = normed * self.weight.view(c, *trailing) + self.bias.view(c, *trailing)
         return out.movedim(1, dim)
 
@@ -247,18 +266,19 @@ class BottleneckBlock(CausalUnit):
         channels: int,
         kernel_size: int = 7,
         *,
-        color_groups: int = 1,
+        color_groups: ColorGroups = 1,
         group_layout: str = "blocked",
         num_classes: int | None = None,
         cond_channels: int | None = None,
     ) -> None:
         super().__init__()
-        if channels % (2 * color_groups):
+        unit = group_unit(color_groups)
+        if channels % (2 * unit):
             raise group_split_error(
                 "channels",
                 channels,
-                2 * color_groups,
-                f"2 * color_groups = {2 * color_groups} (the bottleneck halves it)",
+                2 * unit,
+                f"2 * {unit} = {2 * unit} (color_groups={color_groups}; the bottleneck halves it)",
             )
         half = channels // 2
         opts: dict[str, Any] = dict(
@@ -323,7 +343,7 @@ def _vertical_mask(include_centre_row: bool) -> Any:
         out_channels: int,
         in_channels: int,
         kernel_size: tuple[int, int],
-        color_groups: int,
+        color_groups: ColorGroups,
         group_layout: str,
     ) -> Tensor:
         kh, kw = kernel_size
@@ -341,7 +361,9 @@ vertical_with_centre_row = _vertical_mask(True)
 """Mask of later vertical convs: the rows above and the centre row, full width."""
 
 
-def gate(x: Tensor, color_groups: int = 1, group_layout: str = "blocked", dim: int = 1) -> Tensor:
+def gate(
+    x: Tensor, color_groups: ColorGroups = 1, group_layout: str = "blocked", dim: int = 1
+) -> Tensor:
     """``tanh(a) * sigmoid(b)``: ``(B, 2h, *S) -> (B, h, *S)``, group by group.
 
     Group g's halves a and b are both taken from group g's channels, so the colour
@@ -350,6 +372,13 @@ def gate(x: Tensor, color_groups: int = 1, group_layout: str = "blocked", dim: i
     """
     if color_groups == 1 or group_layout == "interleaved":
         a, b = x.chunk(2, dim=dim)
+    elif not isinstance(color_groups, int):  # uneven groups: halve each group's block
+        blocks = [
+            x.narrow(dim, s.start, s.stop - s.start)
+            for s in group_slices(x.shape[dim], color_groups)
+        ]
+        a = torch.cat([p.chunk(2, dim=dim)[0] for p in blocks], dim=dim)
+        b = torch.cat([p.chunk(2, dim=dim)[1] for p in blocks], dim=dim)
     else:
         x = x.movedim(dim, 1)
         n, c, *spatial = x.shape
@@ -395,17 +424,17 @@ class GatedBlock(CausalUnit):
         kernel_size: int = 7,
         *,
         first: bool = False,
-        color_groups: int = 1,
+        color_groups: ColorGroups = 1,
         group_layout: str = "blocked",
         num_classes: int | None = None,
         cond_channels: int | None = None,
     ) -> None:
         super().__init__()
-        if channels % color_groups:
-            raise group_split_error("channels", channels, color_groups)
+        if channels % group_unit(color_groups):
+            raise group_split_error("channels", channels, group_unit(color_groups))
         self.first = first
         self.channels = channels
-        self.color_groups = color_groups
+        self.color_groups = normal_color_groups(color_groups)
         self.group_layout = group_layout
         two = 2 * channels
         vertical = vertical_above if first else vertical_with_centre_row

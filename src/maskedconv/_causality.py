@@ -25,27 +25,46 @@ __all__ = ["allowed_dependencies", "assert_causal", "receptive_field"]
 _JACOBIAN_LIMIT = 2 << 30  # bytes a Jacobian may take before the check refuses
 
 
-def _groups(channels: int, color_groups: int, group_layout: str) -> Tensor:
+def _sizes(color_groups: Any) -> list[int]:
+    """Group sizes: G equal groups, or a list of uneven sizes (equal ones as 1s)."""
+    if isinstance(color_groups, int) and not isinstance(color_groups, bool) and color_groups >= 1:
+        return [1] * color_groups
+    if (
+        isinstance(color_groups, (list, tuple))
+        and color_groups
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in color_groups)
+    ):
+        return [1] * len(color_groups) if len(set(color_groups)) == 1 else list(color_groups)
+    raise ValueError(
+        f"color_groups must be a positive int or a non-empty list of positive group sizes, "
+        f"but got {color_groups!r}"
+    )
+
+
+def _groups(channels: int, color_groups: Any, group_layout: str) -> Tensor:
     # Derived here again rather than imported from .masks: the checker must not
     # trust the code it checks.
-    if channels % color_groups:
+    sizes = _sizes(color_groups)
+    unit = sum(sizes)
+    if channels % unit:
         raise ValueError(
-            f"color_groups={color_groups} must divide the channel count, "
-            f"but got {channels} channels"
+            f"color_groups={color_groups} must split the channel count "
+            f"(a multiple of {unit}), but got {channels} channels"
         )
-    index = torch.arange(channels)
     if group_layout == "blocked":
-        return index // (channels // color_groups)
+        bounds = torch.tensor(sizes).cumsum(0) * (channels // unit)
+        return torch.bucketize(torch.arange(channels), bounds, right=True)
+    if group_layout == "interleaved" and unit == len(sizes):
+        return torch.arange(channels) % unit
     if group_layout == "interleaved":
-        return index % color_groups
+        raise ValueError(f"uneven color_groups={color_groups} need group_layout='blocked'")
     raise ValueError(
         f"group_layout must be one of ('blocked', 'interleaved'), but got {group_layout!r}"
     )
 
 
 def _check_color_groups(color_groups: object) -> None:
-    if isinstance(color_groups, bool) or not isinstance(color_groups, int) or color_groups < 1:
-        raise ValueError(f"color_groups must be a positive int, but got {color_groups!r}")
+    _sizes(color_groups)
 
 
 def allowed_dependencies(
@@ -55,7 +74,7 @@ def allowed_dependencies(
     width: int,
     *,
     mask_type: str = "A",
-    color_groups: int = 1,
+    color_groups: int | Sequence[int] = 1,
     group_layout: str = "blocked",
     order: Tensor | None = None,
 ) -> Tensor:
@@ -90,7 +109,7 @@ def allowed_dependencies(
 class _Rule:
     """The order to check against, resolved from the arguments and the module."""
 
-    def __init__(self, mask_type: str, color_groups: int, group_layout: str) -> None:
+    def __init__(self, mask_type: str, color_groups: Any, group_layout: str) -> None:
         self.mask_type = mask_type
         self.color_groups = color_groups
         self.group_layout = group_layout
@@ -102,7 +121,7 @@ class _Rule:
         cls,
         module: Any,
         mask_type: str | None,
-        color_groups: int | None,
+        color_groups: Any,
         group_layout: str | None,
     ) -> _Rule:
         if mask_type is None:
@@ -127,7 +146,10 @@ class _Rule:
             color_groups = _found(module, "color_groups", None)
             if color_groups is None:  # e.g. an nn.Sequential of G = 3 layers
                 found = [getattr(m, "color_groups", None) for m in _submodules(module)]
-                color_groups = max([g for g in found if isinstance(g, int)], default=1)
+                lists = [g for g in found if isinstance(g, (list, tuple))]
+                color_groups = (
+                    lists[0] if lists else max([g for g in found if isinstance(g, int)], default=1)
+                )
         _check_color_groups(color_groups)
         if group_layout is None:
             group_layout = _found(module, "group_layout", None)
@@ -286,7 +308,7 @@ def assert_causal(
     input_shape: Sequence[int],
     *,
     mask_type: str | None = None,
-    color_groups: int | None = None,
+    color_groups: int | Sequence[int] | None = None,
     group_layout: str | None = None,
     seed: int = 0,
     complete: bool = False,
@@ -335,7 +357,9 @@ def assert_causal(
             ``"B"``; defaults to A for a model of integer images, else
             ``module.mask_type``, else A if any layer inside is type A, B if all are B,
             else A.
-        color_groups: G; defaults to ``module.color_groups``, else the largest of the
+        color_groups: G, or a list of uneven group sizes (``[1, 1, 2]``: group g has
+            ``sizes[g] * C / sum(sizes)`` of C channels, blocked); defaults to
+            ``module.color_groups``, else the largest of the
             layers' inside, else 1.
         group_layout: defaults to ``module.group_layout``, else the layers', else
             ``"blocked"``.
@@ -461,7 +485,8 @@ def _warn_if_costly(
 ) -> None:
     batch, _, height, width = shape
     trials = len(_trials(getattr(module, "levels", None) if _integer_model(module) else None))
-    forwards = passes * (2 * batch + 4 + -(-rule.color_groups * height * width * trials // batch))
+    groups = len(_sizes(rule.color_groups))
+    forwards = passes * (2 * batch + 4 + -(-groups * height * width * trials // batch))
     if forwards > _COSTLY:
         rows, cols = _reach(module)
         warnings.warn(
@@ -627,7 +652,7 @@ def _position_tests(
     tests = []
     for r in range(height):
         for c in range(width):
-            for group in range(rule.color_groups):
+            for group in range(len(_sizes(rule.color_groups))):
                 outs = torch.nonzero(out_groups == group).flatten()
                 if not len(outs):
                     continue

@@ -16,7 +16,7 @@ from ._checks import positive_int
 from ._evaluation import _evaluator, _model_device, _progress, evaluating
 from ._heads import OutputHead
 from ._models import AutoregressiveModel
-from ._schedules import Schedule, raster, resolve_schedule, wavefront
+from ._schedules import Schedule, checkerboard, raster, resolve_schedule, wavefront
 
 __all__ = ["PRECISION", "CodecError", "decode", "encode", "frequencies"]
 
@@ -198,20 +198,29 @@ def _optional_digest(value: Tensor | None, integer: bool = False) -> bytes:
 
 
 def _schedule_of(model: nn.Module, size: tuple[int, int], name: str) -> tuple[int, int, Schedule]:
-    """``(kind, slope, schedule)`` of a named schedule: kind 0 raster, 1 wavefront."""
-    if name not in ("auto", "raster", "wavefront"):
+    """``(kind, slope, schedule)`` of a named schedule: kind 0 raster, 1 wavefront,
+    2 checkerboard (slope 1, unused)."""
+    if name not in _SCHEDULE_NAMES:
         raise ValueError(
-            f"schedule must be 'auto', 'raster' or 'wavefront' (a stream stores its name), "
+            f"schedule must be one of {_SCHEDULE_NAMES} (a stream stores its name), "
             f"but got {name!r}"
         )
     plan = resolve_schedule(name, model, size)
+    if plan.name == "checkerboard":
+        return 2, 1, plan
     # Every wavefront numbers its lines densely, so the first position of row 1 is at
     # step `slope` (raster: slope W).
     slope = int(plan.rank[1, 0]) if size[0] > 1 else size[1]
     return (0 if slope >= size[1] else 1), slope, plan
 
 
+_SCHEDULE_NAMES = ("auto", "raster", "wavefront", "checkerboard")
+
+
 def _rebuild_schedule(model: nn.Module, size: tuple[int, int], kind: int, slope: int) -> Schedule:
+    if kind == 2:
+        resolve_schedule("checkerboard", model, size)  # refused for a raster model
+        return checkerboard(size)
     return raster(size) if kind == 0 else wavefront(model, size, slope=slope)
 
 
@@ -260,7 +269,9 @@ def encode(
         x: ``(B, C, H, W)`` integer images (or VQ code maps, C = 1) in ``[0, K)``.
         labels: ``(B,)`` class labels, for a model built with ``num_classes``.
         cond: ``(B, M, h, w)`` map, for a model built with ``cond_channels``.
-        schedule: ``"auto"``, ``"raster"`` or ``"wavefront"``: the decode order (stored).
+        schedule: ``"auto"`` (the model's order: the checkerboard for a model built with
+            ``order="checkerboard"``, else the wavefront), ``"raster"``, ``"wavefront"``
+            or ``"checkerboard"``: the decode order (stored).
         block_size: images coded together (stored; ``decode`` uses it, whatever the
             caller's batch). Each block adds a 4-byte CRC.
         progress: show the blocks done (tqdm's bar if installed, else lines on stderr).
@@ -381,7 +392,7 @@ def decode(
             f"their float results may differ, and the decode then fails with CodecError",
             stacklevel=2,
         )
-    if kind not in (0, 1) or not 1 <= slope <= width:
+    if kind not in (0, 1, 2) or not 1 <= slope <= width:
         raise CodecError(f"the stream's header is invalid (schedule {kind}, slope {slope})")
     plan = _rebuild_schedule(model, (height, width), kind, slope)
     blocks = -(-batch // block)

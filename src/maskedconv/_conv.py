@@ -17,7 +17,14 @@ from ._formulations import FORMULATIONS, ConvArgs
 from ._formulations import choose as choose_formulation
 from ._formulations import plan as formulation_plan
 from ._formulations import run as run_formulation
-from ._masks import check_group_layout, group_split_error, make_mask, resolve_mask_type
+from ._masks import (
+    ColorGroups,
+    check_color_groups,
+    checkerboard_taps,
+    make_mask,
+    normal_color_groups,
+    resolve_mask_type,
+)
 
 __all__ = ["MaskedConv2d", "masked_conv2d"]
 
@@ -152,7 +159,7 @@ class MaskedConv2d(nn.Conv2d):
         padding_mode: str = "zeros",
         *,
         mask_type: str | Callable[..., Tensor] = "B",
-        color_groups: int = 1,
+        color_groups: ColorGroups = 1,
         group_layout: str = "blocked",
         device: Any = None,
         dtype: torch.dtype | None = None,
@@ -192,13 +199,16 @@ class MaskedConv2d(nn.Conv2d):
                 f"padding_mode must be 'zeros': {padding_mode!r} padding copies pixels from "
                 f"the bottom and right edges into the visible past, but got {padding_mode!r}"
             )
-        if not isinstance(color_groups, int) or isinstance(color_groups, bool) or color_groups < 1:
-            raise ValueError(f"color_groups must be a positive int, but got {color_groups!r}")
-        check_group_layout(group_layout)
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if value % color_groups:
-                raise group_split_error(name, value, color_groups)
-        if groups != 1 and color_groups != 1:
+        sizes = check_color_groups(
+            color_groups, group_layout, in_channels=in_channels, out_channels=out_channels
+        )
+        color_groups = normal_color_groups(sizes)
+        if mask_type == "checkerboard" and any(d % 2 == 0 for d in dilation2):
+            raise ValueError(
+                f"dilation must be odd for mask_type='checkerboard': an even dilation puts "
+                f"every tap on the centre's own colour of the board, but got {dilation}"
+            )
+        if groups != 1 and len(sizes) != 1:
             raise ValueError(
                 f"groups must be 1 when color_groups > 1: a grouped convolution cuts the "
                 f"channels into blocks that do not follow the colour-group order, but got "
@@ -244,6 +254,8 @@ class MaskedConv2d(nn.Conv2d):
             for name in FORMULATIONS
             if (pieces := formulation_plan(mask, dilation2, name)) is not None
         }
+        kh, kw = kernel
+        self._centre_kept = bool(mask[:, :, kh // 2, kw // 2].any())
         digest = hashlib.sha256(f"{tuple(mask.shape)}".encode() + mask.numpy().tobytes())
         self._mask_digest = digest.hexdigest()
         self._mask_id = (self._mask_description(), self._mask_digest)
@@ -339,6 +351,8 @@ class MaskedConv2d(nn.Conv2d):
                 f"{self.in_channels}), but got {tuple(input.shape)}"
             )
         dilation = cast("tuple[int, int]", self.dilation)
+        if self.mask_type == "checkerboard":
+            return self._checkerboard(input, dilation)
         if not self._plans[DEFAULT_FORMULATION]:  # the mask keeps nothing: the output is the bias
             padding = cast("tuple[int, int]", self.padding)  # always explicit, set in __init__
             return masked_conv2d(
@@ -346,6 +360,32 @@ class MaskedConv2d(nn.Conv2d):
             )
         args = ConvArgs(input, self.weight, self.mask, self.bias, dilation, self.groups)
         return run_formulation(choose_formulation(self._plans, self._mask_id, args), *args)
+
+    def _checkerboard(self, input: Tensor, dilation: tuple[int, int]) -> Tensor:
+        # The odd taps read the anchors only (r + c even, in image coordinates): around a
+        # non-anchor they are its anchor neighbours, around an anchor non-anchors, zeroed.
+        # The centre (earlier groups of the same pixel) reads the input as it is.
+        height, width = input.shape[-2:]
+        rows = torch.arange(height, device=input.device).view(-1, 1)
+        cols = torch.arange(width, device=input.device).view(1, -1)
+        anchors = ((rows + cols) % 2 == 0).to(input.dtype)
+        kh, kw = self.weight.shape[-2:]
+        taps = checkerboard_taps((kh, kw)).to(self.mask.device, self.mask.dtype)
+        padding = cast("tuple[int, int]", self.padding)
+        out = masked_conv2d(
+            input * anchors,
+            self.weight,
+            self.mask * taps,
+            self.bias,
+            padding,
+            dilation,
+            self.groups,
+        )
+        if self._centre_kept:
+            i, j = (k // 2 for k in self.weight.shape[-2:])
+            centre = (self.weight * self.mask)[:, :, i : i + 1, j : j + 1]
+            out = out + F.conv2d(input, centre, None, 1, 0, 1, self.groups)
+        return out
 
     def extra_repr(self) -> str:
         kind = (

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ._checks import image_size as check_image_size
 from ._checks import positive_int
 from ._heads import Categorical, OutputHead
-from ._masks import group_slices
+from ._masks import group_slices, normal_color_groups
 from ._schedules import SCHEDULES, Schedule, resolve_schedule
 from ._steps import NoIncrementalPathError, StepContext, UnitStep
 
@@ -57,7 +57,10 @@ def _conditioning_kwargs(labels: Tensor | None, cond: Tensor | None) -> dict[str
 
 
 def _groups_of(
-    model: nn.Module, channels: int, color_groups: int | None, group_layout: str | None
+    model: nn.Module,
+    channels: int,
+    color_groups: int | Sequence[int] | None,
+    group_layout: str | None,
 ) -> list[slice]:
     for name, given in (("color_groups", color_groups), ("group_layout", group_layout)):
         own = getattr(model, name, None)
@@ -69,7 +72,7 @@ def _groups_of(
             )
     groups = color_groups if color_groups is not None else getattr(model, "color_groups", 1)
     layout = group_layout if group_layout is not None else getattr(model, "group_layout", None)
-    return group_slices(channels, int(groups), str(layout or "blocked"))
+    return group_slices(channels, normal_color_groups(groups), str(layout or "blocked"))
 
 
 class Evaluator:
@@ -87,7 +90,7 @@ class Evaluator:
         batch_size: int,
         image_size: tuple[int, int],
         schedule: str | Schedule,
-        color_groups: int | None,
+        color_groups: int | Sequence[int] | None,
         group_layout: str | None,
         channels: int | None = None,
     ) -> None:
@@ -249,7 +252,7 @@ class IncrementalEvaluator(Evaluator):
         image_size: tuple[int, int],
         *,
         schedule: str | Schedule = "auto",
-        color_groups: int | None = None,
+        color_groups: int | Sequence[int] | None = None,
         group_layout: str | None = None,
         labels: Tensor | None = None,
         cond: Tensor | None = None,
@@ -338,7 +341,7 @@ class FullForwardEvaluator(Evaluator):
         image_size: tuple[int, int],
         *,
         schedule: str | Schedule = "raster",
-        color_groups: int | None = None,
+        color_groups: int | Sequence[int] | None = None,
         group_layout: str | None = None,
         labels: Tensor | None = None,
         cond: Tensor | None = None,
@@ -491,7 +494,7 @@ def sample(
     known: Tensor | None = None,
     generator: torch.Generator | None = None,
     temperature: float = 1.0,
-    color_groups: int | None = None,
+    color_groups: int | Sequence[int] | None = None,
     group_layout: str | None = None,
     method: str = "auto",
     schedule: str | Schedule = "auto",

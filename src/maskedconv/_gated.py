@@ -27,7 +27,7 @@ class GatedPixelCNNConfig(ModelConfig):
 
     num_layers: int = 8  # gated layers
 
-    def _check_trunk(self, groups: int) -> None:
+    def _check_trunk(self, groups: int | list[int]) -> None:
         super()._check_trunk(groups)
         if self.kernel_size < 3:
             raise ValueError(
@@ -79,7 +79,7 @@ class GatedPixelCNN(AutoregressiveModel):
         hidden_channels: int = 64,
         num_layers: int = 8,
         kernel_size: int = 7,
-        color_groups: int | None = None,
+        color_groups: int | list[int] | None = None,
         group_layout: str = "blocked",
         head: Literal["categorical", "dmol"] | str | OutputHead = "categorical",
         num_mixtures: int = 5,

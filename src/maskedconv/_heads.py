@@ -84,8 +84,11 @@ class OutputHead(ABC):
         """G when the model is not told: one group per channel (R -> G -> B)."""
         return channels
 
-    def check_color_groups(self, channels: int, color_groups: int) -> None:  # noqa: B027
-        """Raise ``ValueError`` if this head cannot serve ``color_groups`` ordered groups."""
+    def check_color_groups(  # noqa: B027
+        self, channels: int, color_groups: int | list[int]
+    ) -> None:
+        """Raise ``ValueError`` if this head cannot serve ``color_groups`` ordered groups
+        (G, or the sizes of uneven groups)."""
 
     def arrange(self, out: Tensor, channels: int, group_layout: str) -> Tensor:
         """The head's parameters from the last layer's ``(B, P, *S)`` output."""
@@ -246,7 +249,7 @@ class DiscretizedLogisticMixture(OutputHead):
     def default_color_groups(self, channels: int) -> int:
         return 1
 
-    def check_color_groups(self, channels: int, color_groups: int) -> None:
+    def check_color_groups(self, channels: int, color_groups: int | list[int]) -> None:
         if color_groups != 1:
             raise ValueError(
                 f"color_groups must be 1 with the discretized logistic mixture head, which "

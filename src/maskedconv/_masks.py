@@ -20,6 +20,26 @@ the centre)::
     0 0 0 0 0 0 0
     0 0 0 0 0 0 0
 
+A third spatial context, **checkerboard** (He et al., CVPR 2021), orders the pixels in
+two passes instead: the *anchors* (``r + c`` even) first, then the rest. Its mask keeps
+the taps at an odd offset (the other colour of the board: anchors around a non-anchor)
+and, at the centre, the groups before g (5x5)::
+
+    0 1 0 1 0
+    1 0 1 0 1
+    0 1 0 1 0
+    1 0 1 0 1
+    0 1 0 1 0
+
+Around an anchor those taps are non-anchors, which an anchor must not see: a
+``MaskedConv2d`` with this mask feeds its taps the anchors only (the layer's rule, not the
+mask's), so an anchor sees no other pixel and a non-anchor sees its anchor neighbours.
+
+``color_groups`` is a count G of equal groups or, for **uneven groups** (ELIC, He et
+al., CVPR 2022), a list of group sizes such as ``[1, 1, 2]``: a layer of C channels then
+splits in the same proportions, each group ``size * C / sum(sizes)`` channels (blocked
+layout only).
+
 Everything here is a pure function returning a new tensor.
 """
 
@@ -33,7 +53,7 @@ from torch import Tensor
 
 from ._checks import int_pair
 
-__all__ = ["MaskFunction", "make_mask", "mask_a", "mask_b"]
+__all__ = ["MaskFunction", "make_mask", "mask_a", "mask_b", "mask_checkerboard"]
 
 GROUP_LAYOUTS = ("blocked", "interleaved")
 
@@ -51,7 +71,7 @@ class MaskFunction(Protocol):
         out_channels: int,
         in_channels: int,
         kernel_size: tuple[int, int],
-        color_groups: int,
+        color_groups: ColorGroups,
         group_layout: str,
     ) -> Tensor: ...
 
@@ -77,12 +97,78 @@ def group_split_error(
     )
 
 
-def channel_groups(channels: int, color_groups: int, group_layout: str = "blocked") -> Tensor:
+ColorGroups = int | tuple[int, ...] | list[int]
+"""``color_groups``: a count G of equal groups, or the sizes of uneven ones."""
+
+
+def group_sizes(color_groups: object) -> tuple[int, ...]:
+    """``color_groups`` as sizes: ``3`` -> ``(1, 1, 1)``, ``[16, 16, 32]`` kept (equal sizes
+    as ones: ``[2, 2]`` -> ``(1, 1)``).
+
+    Raises:
+        ValueError: for anything but a positive int or a non-empty list of them.
+    """
+    if isinstance(color_groups, int) and not isinstance(color_groups, bool) and color_groups >= 1:
+        return (1,) * color_groups
+    sizes = list(color_groups) if isinstance(color_groups, (list, tuple)) else []
+    if sizes and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
+        # Equal sizes are G equal groups: [2, 2] splits 6 channels as 2 does.
+        return (1,) * len(sizes) if len(set(sizes)) == 1 else tuple(sizes)
+    raise ValueError(
+        f"color_groups must be a positive int (equal groups) or a non-empty list of positive "
+        f"group sizes (uneven groups, e.g. [1, 1, 2]), but got {color_groups!r}"
+    )
+
+
+def normal_color_groups(color_groups: object) -> int | list[int]:
+    """``color_groups`` as an int G for equal groups, a list of sizes for uneven ones."""
+    sizes = group_sizes(color_groups)
+    return len(sizes) if len(set(sizes)) == 1 else list(sizes)
+
+
+def group_unit(color_groups: object) -> int:
+    """What a channel count must be a multiple of to split into ``color_groups``:
+    G for equal groups, the sum of the sizes for uneven ones."""
+    return sum(group_sizes(color_groups))
+
+
+def group_count(color_groups: object) -> int:
+    """The number of groups G of ``color_groups`` (an int or a list of sizes)."""
+    return len(group_sizes(color_groups))
+
+
+def check_color_groups(color_groups: object, group_layout: str, **channels: int) -> tuple[int, ...]:
+    """Check that each named channel count splits into ``color_groups``; return the sizes.
+
+    Raises:
+        ValueError: for a bad ``color_groups``, uneven groups with the interleaved layout,
+            or a count that does not split.
+    """
+    sizes = group_sizes(color_groups)
+    check_group_layout(group_layout)
+    uneven = len(set(sizes)) > 1
+    if uneven and group_layout != "blocked":
+        raise ValueError(
+            f"uneven color_groups={list(sizes)} need group_layout='blocked' (each group a "
+            f"contiguous block of channels), but got group_layout={group_layout!r}"
+        )
+    unit = sum(sizes) if uneven else len(sizes)
+    for name, value in channels.items():
+        if value % unit:
+            text = f"sum(color_groups)={unit} (the groups' sizes {list(sizes)})" if uneven else None
+            raise group_split_error(name, value, unit, text)
+    return sizes
+
+
+def channel_groups(
+    channels: int, color_groups: ColorGroups, group_layout: str = "blocked"
+) -> Tensor:
     """Colour group of each channel.
 
     Args:
-        channels: number of channels C; must be divisible by ``color_groups``.
-        color_groups: number of autoregressively ordered groups G.
+        channels: number of channels C; must split into ``color_groups``.
+        color_groups: number of autoregressively ordered groups G, or their sizes
+            (uneven groups: group g gets ``sizes[g] * C / sum(sizes)`` channels).
         group_layout: ``"blocked"`` (channels ``[g*C/G, (g+1)*C/G)`` form group g)
             or ``"interleaved"`` (channel c is in group ``c % G``).
 
@@ -90,30 +176,30 @@ def channel_groups(channels: int, color_groups: int, group_layout: str = "blocke
         ``(C,)`` int64 tensor with values in ``[0, G)``.
 
     Raises:
-        ValueError: if the layout is unknown or C does not split into G groups.
+        ValueError: if the layout is unknown or C does not split into the groups.
     """
-    check_group_layout(group_layout)
-    if color_groups < 1:
-        raise ValueError(f"color_groups must be >= 1, but got {color_groups}")
-    if channels % color_groups:
-        raise group_split_error("channels", channels, color_groups)
+    sizes = check_color_groups(color_groups, group_layout, channels=channels)
     index = torch.arange(channels)
-    if group_layout == "blocked":
-        return index // (channels // color_groups)
-    return index % color_groups
+    if group_layout == "interleaved":
+        return index % len(sizes)
+    scale = channels // sum(sizes)
+    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes) * scale)
 
 
-def group_slices(channels: int, color_groups: int, group_layout: str = "blocked") -> list[slice]:
+def group_slices(
+    channels: int, color_groups: ColorGroups, group_layout: str = "blocked"
+) -> list[slice]:
     """The channels of each colour group, as slices (the grouping of ``channel_groups``).
 
     Returns:
-        ``color_groups`` slices: contiguous blocks, or every G-th channel when interleaved.
+        One slice per group: contiguous blocks, or every G-th channel when interleaved.
     """
-    channel_groups(channels, color_groups, group_layout)  # the same checks and errors
-    per_group = channels // color_groups
-    if group_layout == "blocked":
-        return [slice(g * per_group, (g + 1) * per_group) for g in range(color_groups)]
-    return [slice(g, None, color_groups) for g in range(color_groups)]
+    sizes = check_color_groups(color_groups, group_layout, channels=channels)
+    if group_layout == "interleaved":
+        return [slice(g, None, len(sizes)) for g in range(len(sizes))]
+    scale = channels // sum(sizes)
+    ends = [scale * sum(sizes[: g + 1]) for g in range(len(sizes))]
+    return [slice(end - scale * size, end) for end, size in zip(ends, sizes, strict=True)]
 
 
 def spatial_mask(kernel_size: tuple[int, int], *, include_center: bool) -> Tensor:
@@ -138,7 +224,7 @@ def _ordered_mask(
     out_channels: int,
     in_channels: int,
     kernel_size: tuple[int, int],
-    color_groups: int,
+    color_groups: ColorGroups,
     group_layout: str,
     include_own_group: bool,
 ) -> Tensor:
@@ -165,7 +251,7 @@ def mask_a(
     out_channels: int,
     in_channels: int,
     kernel_size: tuple[int, int],
-    color_groups: int = 1,
+    color_groups: ColorGroups = 1,
     group_layout: str = "blocked",
 ) -> Tensor:
     """Mask type A: output group g at pixel p sees input groups ``< g`` at p.
@@ -191,7 +277,7 @@ def mask_b(
     out_channels: int,
     in_channels: int,
     kernel_size: tuple[int, int],
-    color_groups: int = 1,
+    color_groups: ColorGroups = 1,
     group_layout: str = "blocked",
 ) -> Tensor:
     """Mask type B: output group g at pixel p sees input groups ``<= g`` at p.
@@ -212,7 +298,51 @@ def mask_b(
     )
 
 
-MASK_TYPES: dict[str, MaskFunction] = {"A": mask_a, "B": mask_b}
+def checkerboard_taps(kernel_size: tuple[int, int]) -> Tensor:
+    """The ``(kh, kw)`` taps at an odd offset from the centre: the other colour of the board."""
+    kh, kw = kernel_size
+    rows = torch.arange(kh).view(-1, 1) - kh // 2
+    cols = torch.arange(kw).view(1, -1) - kw // 2
+    return (rows + cols) % 2 == 1
+
+
+def mask_checkerboard(
+    *,
+    out_channels: int,
+    in_channels: int,
+    kernel_size: tuple[int, int],
+    color_groups: ColorGroups = 1,
+    group_layout: str = "blocked",
+) -> Tensor:
+    """The checkerboard mask (He et al., CVPR 2021): the taps at an odd offset, every
+    channel; at the centre, output group g sees input groups ``< g`` (as type A).
+
+    The mask alone is not causal: around an anchor its taps are non-anchors. A
+    ``MaskedConv2d(mask_type="checkerboard")`` feeds those taps the anchors only; given
+    as a callable, this function builds a plain translation-invariant conv (in which an
+    anchor sees its non-anchor neighbours, as ``assert_causal`` shows).
+
+    Returns:
+        ``(out_channels, in_channels, kh, kw)`` bool tensor.
+    """
+    centre = mask_a(
+        out_channels=out_channels,
+        in_channels=in_channels,
+        kernel_size=(1, 1),
+        color_groups=color_groups,
+        group_layout=group_layout,
+    )
+    kh, kw = kernel_size
+    mask = checkerboard_taps(kernel_size).expand(out_channels, in_channels, kh, kw).clone()
+    mask[:, :, kh // 2, kw // 2] = centre[:, :, 0, 0]
+    return mask
+
+
+MASK_TYPES: dict[str, MaskFunction] = {
+    "A": mask_a,
+    "B": mask_b,
+    "checkerboard": mask_checkerboard,
+}
 
 
 def resolve_mask_type(mask_type: str | Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -237,7 +367,7 @@ def make_mask(
     out_channels: int,
     in_channels: int,
     kernel_size: int | tuple[int, int],
-    color_groups: int = 1,
+    color_groups: ColorGroups = 1,
     group_layout: str = "blocked",
 ) -> Tensor:
     """Build and check a mask of shape ``(out_channels, in_channels, kh, kw)``.

@@ -24,7 +24,13 @@ from ._conditioning import ConditionBias, Conditioning, make_condition_bias, pre
 from ._conv import refuse_torchscript
 from ._evaluation import sample as _sample
 from ._heads import HEADS, OutputHead
-from ._masks import check_group_layout, group_split_error
+from ._masks import (
+    check_color_groups,
+    check_group_layout,
+    group_split_error,
+    group_unit,
+    normal_color_groups,
+)
 from ._pretrained import read_config, read_weights
 from ._pretrained import save_pretrained as _save_pretrained
 from ._stems import STEMS, EmbeddingInput, ScaledInput
@@ -53,7 +59,9 @@ class ModelConfig:
     hidden_channels: int = 64  # width of every hidden layer; divisible by color_groups
     num_layers: int = 5  # the first layer plus (num_layers - 1) blocks
     kernel_size: int = 7  # size of the first layer's and of each block's spatial conv
-    color_groups: int | None = None  # None: the head's choice (categorical: C, dmol: 1)
+    # G equal groups, or a list of uneven group sizes; None: the head's choice (categorical:
+    # C, dmol: 1)
+    color_groups: int | list[int] | None = None
     group_layout: str = "blocked"  # how channels map to groups; see DESIGN.md
     head: str | OutputHead = "categorical"  # "categorical", "dmol", or an instance
     num_mixtures: int = 5  # mixture components of the "dmol" head
@@ -74,9 +82,14 @@ class ModelConfig:
                 f"but got {self.kernel_size}"
             )
         head = self.make_head()
+        if isinstance(self.color_groups, (list, tuple)):
+            object.__setattr__(self, "color_groups", normal_color_groups(self.color_groups))
         groups = self.groups
-        positive_int("color_groups", groups)
-        if self.in_channels % groups:
+        if isinstance(groups, list):
+            check_color_groups(groups, self.group_layout, in_channels=self.in_channels)
+        else:
+            positive_int("color_groups", groups)
+        if isinstance(groups, int) and self.in_channels % groups:
             raise ValueError(
                 f"color_groups must divide in_channels={self.in_channels}, but got {groups}; "
                 f"use 1 (channels independent given the past) or {self.in_channels} (one group "
@@ -120,9 +133,9 @@ class ModelConfig:
                 f"of memory"
             )
 
-    def _check_trunk(self, groups: int) -> None:
-        if self.hidden_channels % groups:
-            raise group_split_error("hidden_channels", self.hidden_channels, groups)
+    def _check_trunk(self, groups: int | list[int]) -> None:
+        if self.hidden_channels % group_unit(groups):
+            raise group_split_error("hidden_channels", self.hidden_channels, group_unit(groups))
 
     def make_head(self) -> OutputHead:
         """The output distribution this config names."""
@@ -149,8 +162,8 @@ class ModelConfig:
         return head
 
     @property
-    def groups(self) -> int:
-        """The resolved number of colour groups G."""
+    def groups(self) -> int | list[int]:
+        """The resolved colour groups: G, or the sizes of uneven groups."""
         if self.color_groups is not None:
             return self.color_groups
         return self.make_head().default_color_groups(self.in_channels)

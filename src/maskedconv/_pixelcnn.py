@@ -11,11 +11,13 @@ from torch import nn
 from ._blocks import BLOCKS, ConvUnit
 from ._conv import MaskedConv2d
 from ._heads import OutputHead
-from ._masks import group_split_error
+from ._masks import group_split_error, group_unit
 from ._models import AutoregressiveModel, ModelConfig
 from ._steps import CausalUnit
 
 __all__ = ["PixelCNN", "PixelCNNConfig"]
+
+ORDERS = ("raster", "checkerboard")
 
 
 def _block_class(block: object) -> type[CausalUnit]:
@@ -45,8 +47,13 @@ class PixelCNNConfig(ModelConfig):
     # built as block(channels, kernel_size, color_groups=, group_layout=, num_classes=,
     # cond_channels=); a class is not saved by save_pretrained.
     block: str | type[CausalUnit] = "residual"
+    # "raster" (van den Oord et al.) or "checkerboard" (He et al., CVPR 2021): a
+    # checkerboard-masked first conv, then pointwise blocks; decoded in 2 steps.
+    order: str = "raster"
 
-    def _check_trunk(self, groups: int) -> None:
+    def _check_trunk(self, groups: int | list[int]) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, but got {self.order!r}")
         if self.kernel_size < 3:
             raise ValueError(
                 f"kernel_size must be >= 3: with 1 the type-A conv sees no other pixel, so the "
@@ -55,7 +62,7 @@ class PixelCNNConfig(ModelConfig):
         block = _block_class(self.block)
         # A block that splits its channels (the bottleneck halves them) says by how much.
         multiple = getattr(block, "channel_multiple", 1) if self.num_layers > 1 else 1
-        divisor = multiple * groups
+        divisor = multiple * group_unit(groups)
         if self.hidden_channels % divisor:
             text = (
                 f"{multiple} * color_groups = {divisor} ({block.__name__} splits it)"
@@ -91,7 +98,9 @@ class PixelCNN(AutoregressiveModel):
         hidden_channels: width h of the hidden layers; divisible by ``color_groups``.
         num_layers: the first conv plus ``num_layers - 1`` blocks.
         kernel_size: odd size of the type-A conv and the blocks' middle convs.
-        color_groups: ordered channel groups G; ``None``: C for the categorical head,
+        color_groups: ordered channel groups G, or a list of uneven group sizes (ELIC:
+            ``[1, 1, 2]`` for C = 4: channels 0, 1, then 2-3 together; hidden layers split
+            in the same proportions, blocked); ``None``: C for the categorical head,
             1 for the mixture.
         group_layout: ``"blocked"`` or ``"interleaved"``.
         head: ``"categorical"`` (``Categorical``), ``"dmol"``
@@ -104,6 +113,11 @@ class PixelCNN(AutoregressiveModel):
         num_classes: N, to condition on class labels ``(B,)``.
         cond_channels: M, to condition on a map ``(B, M, h, w)``.
         block: ``"residual"``, ``"bottleneck"`` or a ``CausalUnit`` subclass.
+        order: ``"raster"``, or ``"checkerboard"`` (He et al., CVPR 2021): the first conv
+            is ``mask_type="checkerboard"`` (anchors, ``r + c`` even, see no other pixel;
+            the rest see their anchor neighbours) and the blocks' middle convs are 1x1,
+            so the model decodes in 2 steps (``maskedconv.checkerboard``) instead of
+            raster order's H*W, at some cost in likelihood.
 
     Example:
         >>> model = PixelCNN(1, 2, hidden_channels=16, num_layers=2)
@@ -125,7 +139,7 @@ class PixelCNN(AutoregressiveModel):
         hidden_channels: int = 64,
         num_layers: int = 5,
         kernel_size: int = 7,
-        color_groups: int | None = None,
+        color_groups: int | list[int] | None = None,
         group_layout: str = "blocked",
         head: Literal["categorical", "dmol"] | str | OutputHead = "categorical",
         num_mixtures: int = 5,
@@ -134,25 +148,34 @@ class PixelCNN(AutoregressiveModel):
         num_classes: int | None = None,
         cond_channels: int | None = None,
         block: Literal["residual", "bottleneck"] | str | type[CausalUnit] = "residual",
+        order: Literal["raster", "checkerboard"] | str = "raster",
     ) -> None:
         arguments = dict(locals())
         super().__init__()
         self._build_common(arguments)
+        self.order = order
         opts: dict[str, Any] = dict(color_groups=self.color_groups, group_layout=group_layout)
         h = hidden_channels
         block_class = _block_class(block)
+        # The checkerboard context is the only spatial layer: a k x k conv after it would
+        # let a non-anchor see the other non-anchors of its step.
+        first_mask, block_kernel = ("A", kernel_size) if order == "raster" else (order, 1)
         self.trunk = nn.ModuleList(
             [
                 ConvUnit(
                     MaskedConv2d(
-                        self.stem.out_channels(in_channels), h, kernel_size, mask_type="A", **opts
+                        self.stem.out_channels(in_channels),
+                        h,
+                        kernel_size,
+                        mask_type=first_mask,
+                        **opts,
                     ),
                     self._condition_bias(h),
                 ),
                 *(
                     block_class(
                         h,
-                        kernel_size,
+                        block_kernel,
                         num_classes=num_classes,
                         cond_channels=cond_channels,
                         **opts,

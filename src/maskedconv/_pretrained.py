@@ -61,7 +61,10 @@ def save_pretrained(
     leaves every file whole, old or new.
     """
     for name, value in config.items():
-        if not isinstance(value, str | int | float | bool | type(None)):
+        plain = isinstance(value, str | int | float | bool | type(None)) or (
+            isinstance(value, list) and all(isinstance(v, int) for v in value)
+        )  # a list of ints: uneven color_groups
+        if not plain:
             raise TypeError(
                 f"save_pretrained writes plain config values only, but {name} is a "
                 f"{type(value).__name__}; a custom head or block cannot be saved by name: "

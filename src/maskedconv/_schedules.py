@@ -2,9 +2,11 @@
 
 A schedule is a sequence of *steps*, each a set of ``(row, col)`` positions that are
 computed together; a position may depend only on positions of earlier steps (and, at
-itself, on earlier colour groups). Two are built in:
+itself, on earlier colour groups). Three are built in:
 
 * **raster**: one position a step, top to bottom, left to right: H*W steps;
+* **checkerboard**: the anchors (``r + c`` even) in step 0, the rest in step 1: the order
+  of a model built with ``order="checkerboard"`` (He et al., CVPR 2021);
 * **wavefront**: every position on the line ``col + slope * row = t`` in step t. For a
   stack of masked kxk convs (h = k // 2) an output at (r, c) depends on inputs at
   (r - d, c + e) only with e <= h*d, so ``slope = h + 1`` is exact: the design blog's
@@ -37,9 +39,9 @@ from torch import Tensor, nn
 from ._checks import image_size as check_image_size
 from ._checks import positive_int
 
-__all__ = ["Positions", "Schedule", "model_slope", "raster", "wavefront"]
+__all__ = ["Positions", "Schedule", "checkerboard", "model_slope", "raster", "wavefront"]
 
-SCHEDULES = ("auto", "raster", "wavefront")
+SCHEDULES = ("auto", "raster", "wavefront", "checkerboard")
 
 
 class Positions:
@@ -187,6 +189,39 @@ def raster(image_size: tuple[int, int]) -> Schedule:
     return _wavefront(height, width, width)
 
 
+@functools.lru_cache(maxsize=64)
+def _checkerboard(height: int, width: int) -> Schedule:
+    rows = torch.arange(height).view(-1, 1)
+    cols = torch.arange(width).view(1, -1)
+    rank = (rows + cols) % 2
+    return Schedule._from_rank(rank, int(rank.max()) + 1, "checkerboard")
+
+
+def checkerboard(image_size: tuple[int, int]) -> Schedule:
+    """The checkerboard schedule: the anchors (``row + col`` even) in step 0, the others
+    in step 1 (one step for a 1x1 image).
+
+    Exact for a model built with ``order="checkerboard"``, whose anchors see no other
+    pixel and whose non-anchors see anchors only (prove it with
+    ``assert_causal(model, shape, schedule=checkerboard((H, W)))``); not for a raster
+    model, whose pixels see their left neighbours of the same step. Picture of a 4x6
+    image, the step of each position::
+
+        0 1 0 1 0 1
+        1 0 1 0 1 0
+        0 1 0 1 0 1
+        1 0 1 0 1 0
+    """
+    height, width = check_image_size(image_size)
+    return _checkerboard(height, width)
+
+
+def model_order(model: Any) -> str:
+    """The order a model is built for: ``model.order``, else ``"raster"``."""
+    order = getattr(model, "order", None)
+    return order if isinstance(order, str) else "raster"
+
+
 def wavefront(model: Any, image_size: tuple[int, int], slope: int | None = None) -> Schedule:
     """The wavefront schedule: step t computes every position with ``col + slope*row = t``.
 
@@ -238,6 +273,11 @@ def model_slope(model: Any) -> int:
     """
     if isinstance(model, nn.Module) and model in _SLOPES:
         return _SLOPES[model]
+    if model_order(model) == "checkerboard":
+        raise ValueError(
+            f"no wavefront is exact for a {type(model).__name__} built with "
+            f"order='checkerboard': use checkerboard((H, W)) (2 steps)"
+        )
     trunk, stem = getattr(model, "trunk", None), getattr(model, "stem", None)
     if trunk is None or stem is None or not hasattr(stem, "out_channels"):
         raise ValueError(
@@ -259,15 +299,16 @@ def _measure_slope(model: Any, trunk: Any, stem: Any) -> int:
         if isinstance(m, nn.Conv2d)
     )
     height, width = reach + 2, 2 * reach + 1
-    row, col = reach, reach
+    # Two outputs side by side: a layer may treat the two colours of a checkerboard apart.
+    row, cols = reach, (reach, reach + 1)
     generator = torch.Generator().manual_seed(0)
-    seen = torch.zeros(height, width, dtype=torch.bool)
+    seen = torch.zeros(len(cols), height, width + 1, dtype=torch.bool)
     features = stem.out_channels(model.in_channels)
     for _ in range(3):
         with torch.no_grad():
             for p in units.parameters():
                 p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
-        x = torch.randn(1, features, height, width, generator=generator, dtype=torch.float64)
+        x = torch.randn(1, features, height, width + 1, generator=generator, dtype=torch.float64)
         x.requires_grad_(True)
         out, rows = x, None
         for unit in units:
@@ -275,11 +316,12 @@ def _measure_slope(model: Any, trunk: Any, stem: Any) -> int:
         if isinstance(out, tuple):  # a main stream of several tensors (h, skip)
             out = torch.cat(out, dim=1)
         pick = torch.randn(out.shape[1], generator=generator, dtype=torch.float64)
-        (grad,) = torch.autograd.grad((out[0, :, row, col] * pick).sum(), x)
-        seen |= grad[0].ne(0).any(0)
+        for index, col in enumerate(cols):
+            (grad,) = torch.autograd.grad((out[0, :, row, col] * pick).sum(), x, retain_graph=True)
+            seen[index] |= grad[0].ne(0).any(0)
     slope = 1
-    for r, c in torch.nonzero(seen).tolist():
-        d, e = row - r, c - col
+    for index, r, c in torch.nonzero(seen).tolist():
+        d, e = row - r, c - cols[index]
         if d < 0 or (d == 0 and e > 0):
             raise ValueError(
                 f"no wavefront or raster order is exact for {type(model).__name__}: an output "
@@ -292,7 +334,9 @@ def _measure_slope(model: Any, trunk: Any, stem: Any) -> int:
 
 
 def resolve_schedule(schedule: object, model: Any, size: tuple[int, int]) -> Schedule:
-    """A ``Schedule`` from ``"auto"``, ``"raster"``, ``"wavefront"`` or a ``Schedule``."""
+    """A ``Schedule`` from ``"auto"``, ``"raster"``, ``"wavefront"``, ``"checkerboard"`` or a
+    ``Schedule``. ``"auto"`` is the model's own order (``model.order``): the checkerboard,
+    or for raster models the wavefront where it at least halves the steps."""
     if isinstance(schedule, Schedule):
         if (schedule.height, schedule.width) != tuple(size):
             raise ValueError(
@@ -300,6 +344,21 @@ def resolve_schedule(schedule: object, model: Any, size: tuple[int, int]) -> Sch
                 f"{size[0]}x{size[1]}"
             )
         return schedule
+    order = model_order(model)
+    if schedule == "checkerboard" or (schedule == "auto" and order == "checkerboard"):
+        if order != "checkerboard":
+            raise ValueError(
+                f"schedule='checkerboard' is exact only for a model built with "
+                f"order='checkerboard'; {type(model).__name__} has order={order!r}: use "
+                f"schedule='auto', 'wavefront' or 'raster'"
+            )
+        return checkerboard(size)
+    if order == "checkerboard" and schedule in ("raster", "wavefront"):
+        raise ValueError(
+            f"schedule={schedule!r} is not exact for a model built with order='checkerboard' "
+            f"(a non-anchor sees the anchor to its right): use schedule='checkerboard' or "
+            f"'auto'"
+        )
     if schedule == "raster":
         return raster(size)
     if schedule == "wavefront":

@@ -162,6 +162,16 @@ class ConvStep:
     def __init__(self, conv: nn.Conv2d, context: StepContext) -> None:
         height, width = context.schedule.height, context.schedule.width
         weight = masked_weight(conv)
+        # A checkerboard conv: its odd taps read the anchors only (the cache holds zeros
+        # at the other positions) and its centre the position's own input, as a 1x1.
+        self.board = isinstance(conv, MaskedConv2d) and conv.mask_type == "checkerboard"
+        self.centre: Tensor | None = None
+        if self.board:
+            i, j = (k // 2 for k in weight.shape[-2:])
+            if bool(weight[:, :, i, j].ne(0).any()):
+                self.centre = weight[:, :, i, j].t().contiguous()  # (I, O)
+            weight = weight.clone()
+            weight[:, :, i, j] = 0
         if conv.groups != 1:  # a grouped conv as the dense conv it equals
             out_c, per_group = weight.shape[:2]
             dense = weight.new_zeros(out_c, per_group * conv.groups, *weight.shape[2:])
@@ -234,8 +244,13 @@ class ConvStep:
         return patches.view(self.cache.shape[0] * len(at), -1)
 
     def write(self, x: Tensor, at: Positions) -> None:
-        """Store the input ``(B, n, C_in)`` at ``at``."""
+        """Store the input ``(B, n, C_in)`` at ``at`` (a checkerboard conv: at anchors only)."""
         if self.spatial:
+            if self.board:
+                anchors = at.derived(
+                    "anchors", x.device, lambda p: ((p.rows + p.cols) % 2 == 0).view(-1, 1)
+                )
+                x = x * anchors.to(x.dtype)
             self.cache.index_copy_(1, self._put_index(at), x)
 
     def read(self, at: Positions) -> Tensor:
@@ -255,7 +270,12 @@ class ConvStep:
         else:
             batch, n = x.shape[:2]
             flat = x.view(batch * n, -1) if x.is_contiguous() else x.reshape(batch * n, -1)
-        if relu:
+        if self.centre is not None:
+            out = torch.addmm(self.bias, flat, self.weight)
+            out.addmm_(x.reshape(batch * n, -1), self.centre)
+            if relu:
+                out.relu_()
+        elif relu:
             out = torch._addmm_activation(self.bias, flat, self.weight)
         else:
             out = torch.addmm(self.bias, flat, self.weight)
