@@ -537,3 +537,48 @@ def codec_case(batch: int, rounds: int) -> Result:
         encode_symbols_per_s=symbols / medians["encode"],
         bytes=len(data),
     )
+
+
+def checkerboard_sample_case(rounds: int) -> Result:
+    """Sampling with a checkerboard context (2 steps) against raster order, at equal width
+    and depth: the blog's binary 28x28 PixelCNN (wavefront, 136 steps) at batch 16, and
+    examples/vqvae_prior.py's 7x7 code prior (the gated prior, 49 steps, against
+    ``--order checkerboard``) at 100 maps. What the faster order costs in NLL is measured
+    on trained models by benchmarks/checkerboard_cost.py."""
+    torch.manual_seed(0)
+    binary = {
+        order: PixelCNN(1, 2, order=order).to(DEVICE).eval() for order in ("raster", "checkerboard")
+    }
+    prior_options: dict[str, Any] = dict(
+        input="embedding", num_classes=10, hidden_channels=64, num_layers=6
+    )
+    priors = {
+        "raster": GatedPixelCNN(1, 512, kernel_size=3, **prior_options),
+        "checkerboard": PixelCNN(1, 512, kernel_size=7, order="checkerboard", **prior_options),
+    }
+    labels = torch.arange(10, device=DEVICE).repeat_interleave(10)
+
+    def draw(model: nn.Module, shape: tuple[int, ...], **kwargs: Any) -> Callable[[], None]:
+        def go() -> None:
+            sample(model, shape, generator=torch.Generator(DEVICE).manual_seed(0), **kwargs)
+
+        return go
+
+    medians = interleaved(
+        {
+            **{f"binary_{k}": draw(m, (16, 1, 28, 28)) for k, m in binary.items()},
+            **{
+                f"prior_{k}": draw(m.to(DEVICE).eval(), (100, 1, 7, 7), labels=labels)
+                for k, m in priors.items()
+            },
+        },
+        rounds,
+    )
+    names = ("binary 28x28 b16", "code prior 7x7 b100")
+    return finish(
+        medians,
+        [
+            ratio(f"{name}: raster / checkerboard", f"{k}_raster", f"{k}_checkerboard", ">= 10")
+            for name, k in zip(names, ("binary", "prior"), strict=True)
+        ],
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 from cases import (
+    checkerboard_sample_case,
     code_prior_sample_case,
     codec_case,
     conv_case,
@@ -79,3 +80,7 @@ def test_code_prior_sampling_7x7_k512_b100(benchmark) -> None:
 
 def test_codec_decode_b16(benchmark) -> None:
     run(benchmark, codec_case, 16, rounds=9)
+
+
+def test_checkerboard_sampling(benchmark) -> None:
+    run(benchmark, checkerboard_sample_case, rounds=9)

@@ -23,6 +23,7 @@ from maskedconv import (
     codec,
     mask_checkerboard,
     model_slope,
+    raster,
     sample,
     wavefront,
 )
@@ -389,3 +390,57 @@ def test_checker_names_the_step_count_of_a_custom_schedule() -> None:
         AssertionError, match=r"row 0, col 1, step 0\) depends on input .*row 0, col 0, step 1\)"
     ):
         assert_causal(model, (3, 1, 4, 4), schedule=swapped)
+
+
+def test_schedules_made_under_inference_mode_hold_normal_tensors() -> None:
+    # A schedule is cached and shared: one first made by the sampler (inference mode)
+    # must still feed torch.export or autograd (found by the contexts.md example).
+    with torch.inference_mode():
+        board = checkerboard((5, 9))
+        front = raster((5, 9))
+    for schedule in (board, front):
+        assert not schedule.rank.is_inference()
+        assert not schedule[0].rows.is_inference() and not schedule[0].cols.is_inference()
+
+
+def test_checkerboard_model_has_no_blind_spot() -> None:
+    # complete=True: every anchor within the kernel reaches a non-anchor, and every earlier
+    # group of its own pixel reaches a group (the plain PixelCNN fails this in raster order).
+    for options in (dict(kernel_size=5), dict(channels=3, color_groups=[1, 2], kernel_size=3)):
+        model = _small_board(order="checkerboard", **options)
+        c = model.in_channels
+        board = checkerboard((5, 6))
+        assert assert_causal(model, (3, c, 5, 6), schedule=board, complete=True) == 2
+
+
+def test_uneven_groups_with_the_embedding_stem() -> None:
+    # The stem's D channels per image channel follow their channel into its group.
+    for sizes in ([1, 2], [2, 1]):
+        torch.manual_seed(0)
+        model = PixelCNN(
+            3, 4, hidden_channels=12, num_layers=2, kernel_size=3, input="embedding",
+            embedding_dim=4, color_groups=sizes,
+        )  # fmt: skip
+        assert assert_causal(perturb_(model, 0.3), (3, 3, 4, 4)) == 16
+
+
+def test_the_plain_loop_feeds_every_row_to_a_checkerboard_model() -> None:
+    # A non-anchor sees the anchor below it: the plain loop must not crop the rows below a
+    # step (as it may for a raster model), or a finer schedule computes other parameters.
+    from maskedconv import FullForwardEvaluator
+
+    model = _small_board(order="checkerboard", kernel_size=3)
+    assert not model.causal_rows and _small_board(kernel_size=3).causal_rows
+    board = checkerboard((4, 4))
+    a, b = board[0].tolist(), board[1].tolist()
+    four = Schedule([a[:4], a[4:], b[:4], b[4:]], (4, 4))
+    x = torch.randint(0, 4, (2, 1, 4, 4))
+    naive = FullForwardEvaluator(model, 2, (4, 4), schedule=four)
+    cached = IncrementalEvaluator(model, 2, (4, 4), schedule=four)
+    with torch.no_grad():
+        for t in range(4):
+            at = four[t]
+            values = x[:, :, at.rows, at.cols]
+            assert torch.allclose(naive.params(values), cached.params(values), atol=1e-5), t
+            naive.advance(values)
+            cached.advance(values)

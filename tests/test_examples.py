@@ -231,6 +231,18 @@ def test_smoke_run_writes_every_output(tmp_path: Path, data_args: list[str]) -> 
         assert same, name
 
 
+def test_checkerboard_order_trains_and_is_refused_for_the_gated_model(
+    tmp_path: Path, data_args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_binary(tmp_path, data_args, "--max-steps", "2", "--order", "checkerboard") == 0
+    final = mc.PixelCNN.from_pretrained(tmp_path / "model")
+    assert final.config.order == "checkerboard"
+    assert (tmp_path / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        run_binary(tmp_path / "g", data_args, "--order", "checkerboard", "--model", "gated")
+    assert "--order checkerboard needs --model pixelcnn" in capsys.readouterr().err
+
+
 def test_resume_continues_exactly(tmp_path: Path, data_args: list[str]) -> None:
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_binary(straight, data_args, "--max-steps", "4") == 0

@@ -97,10 +97,15 @@ def test_model_forward_exports_with_dynamic_size(index) -> None:
     args = (example, *kwargs.values())
     dynamic = (IMAGE, *({0: "batch"} for _ in kwargs))
     session = _session(model, args, dynamic)
+    auto = torch.export.Dim.AUTO
+    exported = torch.export.export(
+        model, args, dynamic_shapes=({0: auto, 2: auto, 3: auto}, *({0: auto} for _ in kwargs))
+    )
     for height, width in SIZES:
         x = torch.randint(0, k, (2, c, height, width))
         with torch.no_grad():
             eager = model(x, **kwargs)
+            assert torch.allclose(exported.module()(x, *kwargs.values()), eager, atol=1e-5)
         assert torch.allclose(_run(session, x, *kwargs.values()), eager, atol=1e-5), name
 
 

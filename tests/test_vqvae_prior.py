@@ -13,7 +13,7 @@ import pytest
 import torch
 from pixelcnn_models import perturb_
 
-from maskedconv import GatedPixelCNN, receptive_field
+from maskedconv import GatedPixelCNN, IncrementalEvaluator, PixelCNN, receptive_field
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -286,12 +286,28 @@ def test_missing_data_and_bad_flags_are_one_line_errors(
     for flag, value, message in [
         ("--codebook-size", "1", "--codebook-size must be >= 2, but got 1"),
         ("--prior-kernel", "4", "--prior-kernel must be odd and >= 3, but got 4"),
+        ("--context-kernel", "1", "--context-kernel must be odd and >= 3, but got 1"),
+        ("--order", "zigzag", "invalid choice: 'zigzag'"),
         ("--temperature", "0", "--temperature must be > 0, but got 0.0"),
         ("--hierarchy", "3", "invalid choice: 3"),
     ]:
         with pytest.raises(SystemExit):
             vp.run([flag, value])
         assert message in capsys.readouterr().err
+
+
+@needs_mnist
+def test_a_checkerboard_prior_trains_samples_codes_and_loads(tmp_path: Path) -> None:
+    pytest.importorskip("constriction", reason="the codec extra is not installed")
+    assert _run(tmp_path, "--order", "checkerboard", "--context-kernel", "5", "--compress") == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["sampling"]["order"] == "checkerboard"
+    (coded,) = metrics["compression"]
+    assert coded["decoded_exactly"] == coded["maps"]
+    _, (prior,) = vp.load_models(tmp_path / "models.pt")
+    assert isinstance(prior, PixelCNN) and prior.config.order == "checkerboard"
+    assert prior.config.kernel_size == 5 and prior.config.num_classes == 10
+    assert IncrementalEvaluator(prior, 1, (7, 7), labels=torch.tensor([3])).schedule.steps == 2
 
 
 @needs_mnist

@@ -25,9 +25,9 @@ PRECISION = 24
 
 _MAGIC = b"MCZ"
 _VERSION = 1
-# magic, version, model digest, labels digest, cond digest, B, C, H, W, K, schedule kind,
-# slope, images a block, device kind. The model's digest covers its colour order, dtype
-# and everything else that shapes its probabilities.
+# magic, version, model digest, labels digest, cond digest, B, C, H, W, K, schedule kind
+# (0 raster, 1 wavefront, 2 checkerboard), slope, images a block, device kind. The model's
+# digest covers its colour order, dtype and everything else that shapes its probabilities.
 _HEADER = struct.Struct("<3sB8s4s4sIHHHHBHHB")
 _CRC = struct.Struct("<I")
 _DEVICES = ("cpu", "cuda", "mps")

@@ -102,6 +102,12 @@ class MaskedConv2d(nn.Conv2d):
     (``mask_type="A"``) or ``<= g`` (``mask_type="B"``). For G = 3 this is the
     R -> G -> B ordering of PixelCNN (van den Oord et al., 2016).
 
+    ``mask_type="checkerboard"`` (He et al., CVPR 2021) keeps the taps at an odd offset and
+    reads them from the anchors only (pixels with ``row + col`` even; the others' inputs
+    count as zero), with the type-A group rule at the centre: an anchor sees no other
+    pixel, a non-anchor its anchor neighbours. Decode such a model with
+    ``maskedconv.checkerboard``: anchors first, then the rest.
+
     The mask is a non-persistent buffer ``.mask`` of the weight's shape, fixed at
     construction and multiplied into the weight inside ``forward``. Only the kernel
     rows and columns the mask keeps are convolved (for a causal mask, the rows at and
@@ -123,9 +129,11 @@ class MaskedConv2d(nn.Conv2d):
         bias: as in ``nn.Conv2d``.
         padding_mode: must be ``"zeros"``: reflected or circular padding copies
             future pixels into the past.
-        mask_type: ``"A"``, ``"B"`` or a callable (see
+        mask_type: ``"A"``, ``"B"``, ``"checkerboard"`` or a callable (see
             ``maskedconv.MaskFunction``) returning a 0/1 mask.
-        color_groups: number of ordered channel groups G (1 for binary or grayscale).
+        color_groups: number of ordered channel groups G (1 for binary or grayscale), or
+            a list of uneven group sizes (``[1, 1, 2]``: group g takes
+            ``sizes[g] * C / sum(sizes)`` of C channels; blocked layout only).
         group_layout: ``"blocked"`` (contiguous thirds for RGB) or ``"interleaved"``
             (channel c in group ``c % G``).
         device: as in ``nn.Conv2d``.

@@ -154,6 +154,8 @@ class PixelCNN(AutoregressiveModel):
         super().__init__()
         self._build_common(arguments)
         self.order = order
+        # A non-anchor sees the anchors below it: a sampler must feed every row.
+        self.causal_rows = order == "raster"
         opts: dict[str, Any] = dict(color_groups=self.color_groups, group_layout=group_layout)
         h = hidden_channels
         block_class = _block_class(block)

@@ -78,17 +78,20 @@ class Plan:
     ``[0, steps]`` (``steps``: never). Iterating gives each step's ``Positions``."""
 
     def __init__(self, when: Tensor, steps: int) -> None:
-        self.when = when.long()
-        self.height, self.width = (int(n) for n in when.shape)
-        self.steps = steps
-        flat_when = self.when.flatten()
-        order = torch.argsort(flat_when, stable=True)  # positions by step, raster within
-        counts = torch.bincount(flat_when, minlength=steps + 1)[:steps].tolist()
-        cells = order[: sum(counts)]
-        self._positions = [
-            Positions(part // self.width, part % self.width, self.width)
-            for part in torch.split(cells, counts)
-        ]
+        # Normal tensors even when built under inference mode (a sampler's): a schedule is
+        # kept and shared, and its positions may feed torch.export or autograd later.
+        with torch.inference_mode(False):
+            self.when = when.clone().long()
+            self.height, self.width = (int(n) for n in when.shape)
+            self.steps = steps
+            flat_when = self.when.flatten()
+            order = torch.argsort(flat_when, stable=True)  # positions by step, raster within
+            counts = torch.bincount(flat_when, minlength=steps + 1)[:steps].tolist()
+            cells = order[: sum(counts)]
+            self._positions = [
+                Positions(part // self.width, part % self.width, self.width)
+                for part in torch.split(cells, counts)
+            ]
 
     def __len__(self) -> int:
         return self.steps

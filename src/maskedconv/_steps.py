@@ -263,6 +263,16 @@ class ConvStep:
     def __call__(self, x: Tensor, at: Positions, *, relu: bool = False) -> Tensor:
         """The conv's output ``(B, n, C_out)`` at ``at``, from the input ``(B, n, C_in)``
         there; ``relu`` applies a ReLU in the same op."""
+        if self.spatial and self.board and _all_anchors(at):
+            # Around an anchor every odd tap is a non-anchor, which reads as zero: only the
+            # bias and the centre remain (half a checkerboard model's context work).
+            self.write(x, at)
+            batch, n = x.shape[:2]
+            out = self.bias.expand(batch * n, -1)
+            if self.centre is not None:
+                out = torch.addmm(out, x.reshape(batch * n, -1), self.centre)
+            out = out.relu() if relu else out.clone()
+            return out.view(batch, n, -1)
         if self.spatial:
             self.write(x, at)
             batch, n = self.cache.shape[0], len(at)
@@ -285,6 +295,16 @@ class ConvStep:
         if not self.spatial:
             return 0
         return int(self.cache.numel() * self.cache.element_size())
+
+
+def _all_anchors(at: Positions) -> bool:
+    """Whether every position of ``at`` is a checkerboard anchor (``row + col`` even)."""
+    found = at._derived.get("all_anchors")
+    if found is None:
+        found = at._derived["all_anchors"] = torch.tensor(
+            bool(((at.rows + at.cols) % 2 == 0).all())
+        )
+    return bool(found)
 
 
 def _is_row(at: Positions) -> bool:
