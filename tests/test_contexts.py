@@ -392,6 +392,20 @@ def test_checker_names_the_step_count_of_a_custom_schedule() -> None:
         assert_causal(model, (3, 1, 4, 4), schedule=swapped)
 
 
+def test_an_evaluator_runs_with_autograd_after_a_sampler_under_inference_mode() -> None:
+    # The schedule and the index tensors kept with its positions are shared: the sampler
+    # (inference mode) makes them first, then an evaluator runs with gradients on (the
+    # bottleneck's norm has trainable parameters), as CI's test order once did.
+    torch.manual_seed(0)
+    model = PixelCNN(3, 4, hidden_channels=12, num_layers=2, kernel_size=3, block="bottleneck")
+    sample(model, (1, 3, 5, 3), schedule="raster", generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, 4, (1, 3, 5, 3))
+    ev = IncrementalEvaluator(model, 1, (5, 3), schedule="raster")
+    at = ev.schedule[0]
+    params = ev.params(x[:, :, at.rows, at.cols])
+    assert params.requires_grad  # and no "inference tensors cannot be saved for backward"
+
+
 def test_schedules_made_under_inference_mode_hold_normal_tensors() -> None:
     # A schedule is cached and shared: one first made by the sampler (inference mode)
     # must still feed torch.export or autograd (found by the contexts.md example).

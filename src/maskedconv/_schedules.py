@@ -69,7 +69,9 @@ class Positions:
         full = (key, device)
         found = self._derived.get(full)
         if found is None:
-            found = self._derived[full] = make(self).to(device)
+            # Kept and shared: a normal tensor even when first made under inference mode.
+            with torch.inference_mode(False):
+                found = self._derived[full] = make(self).to(device)
         return found
 
 
