@@ -132,11 +132,6 @@ def group_unit(color_groups: object) -> int:
     return sum(group_sizes(color_groups))
 
 
-def group_count(color_groups: object) -> int:
-    """The number of groups G of ``color_groups`` (an int or a list of sizes)."""
-    return len(group_sizes(color_groups))
-
-
 def check_color_groups(color_groups: object, group_layout: str, **channels: int) -> tuple[int, ...]:
     """Check that each named channel count splits into ``color_groups``; return the sizes.
 
@@ -152,7 +147,7 @@ def check_color_groups(color_groups: object, group_layout: str, **channels: int)
             f"uneven color_groups={list(sizes)} need group_layout='blocked' (each group a "
             f"contiguous block of channels), but got group_layout={group_layout!r}"
         )
-    unit = sum(sizes) if uneven else len(sizes)
+    unit = sum(sizes)  # G for equal groups (their sizes are ones)
     for name, value in channels.items():
         if value % unit:
             text = f"sum(color_groups)={unit} (the groups' sizes {list(sizes)})" if uneven else None
