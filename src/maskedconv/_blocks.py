@@ -202,31 +202,22 @@ class GroupLayerNorm(nn.Module):
         x = x.movedim(dim, 1)
         b, c, *spatial = x.shape
         g = self.color_groups
-        trailing = (1,) * len(spatial)
         if not isinstance(g, int):  # uneven groups, blocked: each block on its own
-            parts = [x[:, chans] for chans in group_slices(c, g)]
-            means = [p.mean(1, keepdim=True) for p in parts]
-            variances = [p.var(1, unbiased=False, keepdim=True) for p in parts]
-            normed = torch.cat(
-                [
-                    (p - m) * torch.rsqrt(v + self.eps)
-                    for p, m, v in zip(parts, means, variances, strict=True)
-                ],
-                dim=1,
-            )
-            out = normed * self.weight.view(c, *trailing) + self.bias.view(c, *trailing)
-            return out.movedim(1, dim)
-        if self.group_layout == "blocked":
-            grouped = x.reshape(b, g, c // g, *spatial)  # (B, G, C/G, *S)
-            axis = 2
+            normed = torch.cat([self._standardise(x[:, s], 1) for s in group_slices(c, g)], 1)
+        elif self.group_layout == "blocked":
+            normed = self._standardise(x.reshape(b, g, c // g, *spatial), 2)  # (B, G, C/G, *S)
         else:
-            grouped = x.reshape(b, c // g, g, *spatial)  # (B, C/G, G, *S)
-            axis = 1
-        mean = grouped.mean(axis, keepdim=True)
-        var = grouped.var(axis, unbiased=False, keepdim=True)
-        normed = ((grouped - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
-        out = normed * self.weight.view(c, *trailing) + self.bias.view(c, *trailing)
+            normed = self._standardise(x.reshape(b, c // g, g, *spatial), 1)  # (B, C/G, G, *S)
+        trailing = (1,) * len(spatial)
+        out = normed.reshape(x.shape) * self.weight.view(c, *trailing)
+        out = out + self.bias.view(c, *trailing)
         return out.movedim(1, dim)
+
+    def _standardise(self, x: Tensor, axis: int) -> Tensor:
+        """``x`` less its mean along ``axis``, over its standard deviation (biased, + eps)."""
+        mean = x.mean(axis, keepdim=True)
+        var = x.var(axis, unbiased=False, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + self.eps)
 
     def extra_repr(self) -> str:
         return (
@@ -373,12 +364,11 @@ def gate(
     if color_groups == 1 or group_layout == "interleaved":
         a, b = x.chunk(2, dim=dim)
     elif not isinstance(color_groups, int):  # uneven groups: halve each group's block
-        blocks = [
-            x.narrow(dim, s.start, s.stop - s.start)
+        pairs = [
+            x.narrow(dim, s.start, s.stop - s.start).chunk(2, dim=dim)
             for s in group_slices(x.shape[dim], color_groups)
         ]
-        a = torch.cat([p.chunk(2, dim=dim)[0] for p in blocks], dim=dim)
-        b = torch.cat([p.chunk(2, dim=dim)[1] for p in blocks], dim=dim)
+        a, b = (torch.cat(parts, dim=dim) for parts in zip(*pairs, strict=True))
     else:
         x = x.movedim(dim, 1)
         n, c, *spatial = x.shape
@@ -430,8 +420,7 @@ class GatedBlock(CausalUnit):
         cond_channels: int | None = None,
     ) -> None:
         super().__init__()
-        if channels % group_unit(color_groups):
-            raise group_split_error("channels", channels, group_unit(color_groups))
+        check_color_groups(color_groups, group_layout, channels=channels)
         self.first = first
         self.channels = channels
         self.color_groups = normal_color_groups(color_groups)

@@ -16,7 +16,7 @@ from ._checks import positive_int
 from ._evaluation import _evaluator, _model_device, _progress, evaluating
 from ._heads import OutputHead
 from ._models import AutoregressiveModel
-from ._schedules import Schedule, checkerboard, raster, resolve_schedule, wavefront
+from ._schedules import Schedule, raster, resolve_schedule, wavefront
 
 __all__ = ["PRECISION", "CodecError", "decode", "encode", "frequencies"]
 
@@ -219,8 +219,7 @@ _SCHEDULE_NAMES = ("auto", "raster", "wavefront", "checkerboard")
 
 def _rebuild_schedule(model: nn.Module, size: tuple[int, int], kind: int, slope: int) -> Schedule:
     if kind == 2:
-        resolve_schedule("checkerboard", model, size)  # refused for a raster model
-        return checkerboard(size)
+        return resolve_schedule("checkerboard", model, size)  # refused for a raster model
     return raster(size) if kind == 0 else wavefront(model, size, slope=slope)
 
 

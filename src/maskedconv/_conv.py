@@ -21,6 +21,7 @@ from ._masks import (
     ColorGroups,
     check_color_groups,
     checkerboard_taps,
+    is_anchor,
     make_mask,
     normal_color_groups,
     resolve_mask_type,
@@ -376,7 +377,7 @@ class MaskedConv2d(nn.Conv2d):
         height, width = input.shape[-2:]
         rows = torch.arange(height, device=input.device).view(-1, 1)
         cols = torch.arange(width, device=input.device).view(1, -1)
-        anchors = ((rows + cols) % 2 == 0).to(input.dtype)
+        anchors = is_anchor(rows, cols).to(input.dtype)
         kh, kw = self.weight.shape[-2:]
         taps = checkerboard_taps((kh, kw)).to(self.mask.device, self.mask.dtype)
         padding = cast("tuple[int, int]", self.padding)
@@ -390,7 +391,7 @@ class MaskedConv2d(nn.Conv2d):
             self.groups,
         )
         if self._centre_kept:
-            i, j = (k // 2 for k in self.weight.shape[-2:])
+            i, j = kh // 2, kw // 2
             centre = (self.weight * self.mask)[:, :, i : i + 1, j : j + 1]
             out = out + F.conv2d(input, centre, None, 1, 0, 1, self.groups)
         return out

@@ -293,6 +293,11 @@ def mask_b(
     )
 
 
+def is_anchor(rows: Tensor, cols: Tensor) -> Tensor:
+    """Whether each ``(row, col)`` is a checkerboard anchor (``row + col`` even), broadcast."""
+    return (rows + cols) % 2 == 0
+
+
 def checkerboard_taps(kernel_size: tuple[int, int]) -> Tensor:
     """The ``(kh, kw)`` taps at an odd offset from the centre: the other colour of the board."""
     kh, kw = kernel_size

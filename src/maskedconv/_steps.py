@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ._conditioning import Conditioning
 from ._conv import MaskedConv2d
+from ._masks import is_anchor
 from ._schedules import Plan, Positions, RowReads, Schedule, plan_row_streams
 
 __all__ = ["CausalUnit", "ConvStep", "NoIncrementalPathError", "StepContext", "UnitStep"]
@@ -247,10 +248,8 @@ class ConvStep:
         """Store the input ``(B, n, C_in)`` at ``at`` (a checkerboard conv: at anchors only)."""
         if self.spatial:
             if self.board:
-                anchors = at.derived(
-                    "anchors", x.device, lambda p: ((p.rows + p.cols) % 2 == 0).view(-1, 1)
-                )
-                x = x * anchors.to(x.dtype)
+                anchors = at.derived("anchors", x.device, lambda p: is_anchor(p.rows, p.cols))
+                x = x * anchors.view(-1, 1).to(x.dtype)
             self.cache.index_copy_(1, self._put_index(at), x)
 
     def read(self, at: Positions) -> Tensor:
@@ -299,12 +298,8 @@ class ConvStep:
 
 def _all_anchors(at: Positions) -> bool:
     """Whether every position of ``at`` is a checkerboard anchor (``row + col`` even)."""
-    found = at._derived.get("all_anchors")
-    if found is None:
-        found = at._derived["all_anchors"] = torch.tensor(
-            bool(((at.rows + at.cols) % 2 == 0).all())
-        )
-    return bool(found)
+    cpu = torch.device("cpu")
+    return bool(at.derived("all_anchors", cpu, lambda p: is_anchor(p.rows, p.cols).all()))
 
 
 def _is_row(at: Positions) -> bool:
