@@ -123,7 +123,7 @@ def test_both_schedules_decode_and_are_stored() -> None:
         assert torch.equal(codec.decode(model, data), x)
     with pytest.raises(
         ValueError,
-        match=r"schedule must be one of \('auto', 'raster', 'wavefront', 'checkerboard'\)",
+        match=r"schedule must be one of \('auto', 'raster', 'wavefront', 'checkerboard', 'group-c",
     ):
         codec.encode(model, x, schedule="diagonal")
 

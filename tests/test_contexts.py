@@ -144,7 +144,7 @@ def test_bad_arguments_are_refused_clearly() -> None:
         MaskedConv2d(4, 6, 3, color_groups=[1, 3])
     with pytest.raises(ValueError, match=r"non-empty list of positive group sizes.*\[1, 0\]"):
         MaskedConv2d(4, 4, 3, color_groups=[1, 0])
-    with pytest.raises(ValueError, match=r"order must be one of \('raster', 'checkerboard'\)"):
+    with pytest.raises(ValueError, match=r"order must be one of \('raster', 'checkerboard', 'grou"):
         PixelCNN(1, 2, order="zigzag")
     with pytest.raises(ValueError, match=r"in_channels must be divisible by sum\(color_groups\)"):
         PixelCNN(3, 4, color_groups=[1, 3])

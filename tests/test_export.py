@@ -55,6 +55,7 @@ CONVS = [
     ("B uneven", dict(mask_type="B", color_groups=[1, 2])),
     ("checkerboard", dict(mask_type="checkerboard")),
     ("checkerboard G3", dict(mask_type="checkerboard", color_groups=3)),
+    ("group checkerboard G3", dict(mask_type="group-checkerboard", color_groups=3)),
     ("dilated", dict(mask_type="B", dilation=2)),
 ]
 
@@ -82,13 +83,15 @@ def _models() -> list[tuple[str, torch.nn.Module, dict[str, torch.Tensor]]]:
     return [
         ("pixelcnn", PixelCNN(1, 2, hidden_channels=16, num_layers=3), {}),
         ("checkerboard", PixelCNN(3, 4, hidden_channels=12, num_layers=2, order="checkerboard"), {}),
+        ("group checkerboard",
+         PixelCNN(3, 4, hidden_channels=12, num_layers=2, order="group-checkerboard"), {}),
         ("dmol", PixelCNN(3, 16, hidden_channels=12, num_layers=2, head="dmol"), {}),
         ("gated labels", GatedPixelCNN(3, 4, hidden_channels=12, num_layers=2, num_classes=3),
          {"labels": labels}),
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("index", range(4), ids=[n for n, _, _ in _models()])
+@pytest.mark.parametrize("index", range(5), ids=[n for n, _, _ in _models()])
 def test_model_forward_exports_with_dynamic_size(index) -> None:
     name, model, kwargs = _models()[index]
     model = perturb_(model, 0.1).eval()

@@ -20,10 +20,25 @@ from ._export import DecodeStep
 from ._formulations import chosen_formulations, set_conv_autotune
 from ._gated import GatedPixelCNN, GatedPixelCNNConfig
 from ._heads import Categorical, DiscretizedLogisticMixture, OutputHead
-from ._masks import MaskFunction, make_mask, mask_a, mask_b, mask_checkerboard
+from ._masks import (
+    MaskFunction,
+    make_mask,
+    mask_a,
+    mask_b,
+    mask_checkerboard,
+    mask_group_checkerboard,
+)
 from ._models import nll_per_dim
 from ._pixelcnn import PixelCNN, PixelCNNConfig
-from ._schedules import Positions, Schedule, checkerboard, model_slope, raster, wavefront
+from ._schedules import (
+    Positions,
+    Schedule,
+    checkerboard,
+    group_checkerboard,
+    model_slope,
+    raster,
+    wavefront,
+)
 from ._steps import CausalUnit, ConvStep, NoIncrementalPathError, StepContext, UnitStep
 from ._version import __version__ as __version__
 
@@ -58,10 +73,12 @@ __all__ = [
     "assert_causal",
     "checkerboard",
     "chosen_formulations",
+    "group_checkerboard",
     "make_mask",
     "mask_a",
     "mask_b",
     "mask_checkerboard",
+    "mask_group_checkerboard",
     "masked_conv2d",
     "model_slope",
     "nll_per_dim",

@@ -86,7 +86,9 @@ def allowed_dependencies(
 
     Args:
         order: ``(H, W)`` ints, the step at which each pixel is computed (a schedule's
-            ``rank``); ``None``: raster order.
+            ``rank``), or ``(G, H, W)``, the step of each colour group of each pixel (a
+            group-major schedule's ``group_rank``: (gi, q) is then before (go, p) when its
+            step is earlier); ``None``: raster order.
 
     Returns:
         ``(out_channels, H, W, in_channels, H, W)`` bool tensor.
@@ -96,13 +98,24 @@ def allowed_dependencies(
     _check_color_groups(color_groups)
     go = _groups(out_channels, color_groups, group_layout)
     gi = _groups(in_channels, color_groups, group_layout)
+    same = torch.eye(height * width, dtype=torch.bool).view(height, width, height, width)
+    at_pixel = go[:, None] >= gi[None, :] if mask_type == "B" else go[:, None] > gi[None, :]
+    by_pixel = same[None, :, :, None] & at_pixel[:, None, None, :, None, None]
+    if order is not None and order.dim() == 3 and order.shape[0] > 1:
+        if order.shape[0] != len(_sizes(color_groups)):
+            raise ValueError(
+                f"order has steps for {order.shape[0]} colour groups, but "
+                f"color_groups={color_groups}"
+            )
+        steps = order.reshape(order.shape[0], -1).long()  # (G, H*W)
+        later = steps[go].view(out_channels, height, width, 1, 1, 1)
+        earlier = steps[gi].view(1, 1, 1, in_channels, height, width)
+        return (earlier < later) | by_pixel
+    if order is not None and order.dim() == 3:
+        order = order[0]
     pos = torch.arange(height * width) if order is None else order.reshape(-1).long()
     before = (pos[None, :] < pos[:, None]).view(height, width, height, width)  # (p, q)
-    same = torch.eye(height * width, dtype=torch.bool).view(height, width, height, width)
-    order = go[:, None] >= gi[None, :] if mask_type == "B" else go[:, None] > gi[None, :]
-    allowed = before[None, :, :, None] | (
-        same[None, :, :, None] & order[:, None, None, :, None, None]
-    )
+    allowed = before[None, :, :, None] | by_pixel
     return allowed.expand(out_channels, height, width, in_channels, height, width)
 
 
@@ -113,7 +126,8 @@ class _Rule:
         self.mask_type = mask_type
         self.color_groups = color_groups
         self.group_layout = group_layout
-        self.order: Tensor | None = None  # (H, W) steps of a schedule; None: raster
+        # (H, W) steps of a schedule, (G, H, W) of a group-major one; None: raster.
+        self.order: Tensor | None = None
         self.schedule = ""
 
     @classmethod
@@ -183,11 +197,25 @@ class _Rule:
 
     def name(self, kind: str, b: int, channel: int, channels: int, r: int, c: int) -> str:
         group = int(_groups(channels, self.color_groups, self.group_layout)[channel])
-        step = "" if self.order is None else f", step {int(self.order[r, c])}"
+        order = self.order
+        if order is not None and order.dim() == 3:
+            order = order[group if order.shape[0] > 1 else 0]
+        step = "" if order is None else f", step {int(order[r, c])}"
         return f"{kind} (image {b}, channel {channel} [group {group}], row {r}, col {c}{step})"
 
     def set_schedule(self, schedule: Any, height: int, width: int) -> int:
         """Check against ``schedule``'s order; returns its number of steps."""
+        if getattr(schedule, "group_passes", 1) > 1:  # group-major: a step per group
+            order = schedule.group_rank
+            if tuple(order.shape[1:]) != (height, width):
+                raise ValueError(
+                    f"schedule is for a {order.shape[1]}x{order.shape[2]} image, but the "
+                    f"input is {height}x{width}"
+                )
+            self.order = order.long()
+            steps = int(order.max()) + 1
+            self.schedule = f", in the order of {schedule!r} ({steps} sequential steps)"
+            return steps
         rank = getattr(schedule, "rank", None)
         if not isinstance(rank, Tensor):
             rank = torch.full((height, width), -1, dtype=torch.long)
@@ -769,6 +797,8 @@ def _check_head_scores(subject: _Subject, rule: _Rule, seed: int) -> None:
     scored = _Rule("B", rule.color_groups, rule.group_layout)
     scored.order, scored.schedule = rule.order, rule.schedule
     rank = torch.arange(height * width).view(height, width) if rule.order is None else rule.order
+    if rank.dim() == 3:  # group-major: the pass of group 0 (every pass visits in its order)
+        rank = rank[0]
     allowed = scored.allowed(channels, channels, height, width)
     with torch.no_grad():
         for b in range(batch):  # first, no image may depend on another

@@ -16,7 +16,7 @@ from ._checks import positive_int
 from ._evaluation import _evaluator, _model_device, _progress, evaluating
 from ._heads import OutputHead
 from ._models import AutoregressiveModel
-from ._schedules import Schedule, raster, resolve_schedule, wavefront
+from ._schedules import BOARD_ORDERS, Schedule, model_order, raster, resolve_schedule, wavefront
 
 __all__ = ["PRECISION", "CodecError", "decode", "encode", "frequencies"]
 
@@ -26,8 +26,9 @@ PRECISION = 24
 _MAGIC = b"MCZ"
 _VERSION = 1
 # magic, version, model digest, labels digest, cond digest, B, C, H, W, K, schedule kind
-# (0 raster, 1 wavefront, 2 checkerboard), slope, images a block, device kind. The model's
-# digest covers its colour order, dtype and everything else that shapes its probabilities.
+# (0 raster, 1 wavefront, 2 checkerboard, 3 group checkerboard), slope, images a block,
+# device kind. The model's digest covers its colour order, dtype and everything else that
+# shapes its probabilities.
 _HEADER = struct.Struct("<3sB8s4s4sIHHHHBHHB")
 _CRC = struct.Struct("<I")
 _DEVICES = ("cpu", "cuda", "mps")
@@ -131,8 +132,8 @@ def _code_block(
     """Code one block of images, ``(b, C, H, W)``: the one loop encoder and decoder share.
 
     The encoder passes the true images, the decoder zeros; both feed the evaluator the
-    same values in the same calls (later groups at 0 until coded), so both compute the
-    same probabilities. Returns the images coded.
+    same values in the same calls (what is coded so far, later groups at 0 until coded),
+    so both compute the same probabilities. Returns the images coded.
     """
     head = model.head
     out = torch.zeros_like(images)
@@ -140,9 +141,7 @@ def _code_block(
     while not evaluator.done:
         at = evaluator.schedule[evaluator.step]
         truth = images[:, :, at.rows, at.cols].transpose(1, 2).flatten(0, 1)  # (b*n, C)
-        values = torch.zeros(
-            images.shape[0], images.shape[1], len(at), dtype=torch.long, device=images.device
-        )
+        values = out[:, :, at.rows, at.cols]  # a group-major schedule's earlier groups
         flat = values.transpose(1, 2).flatten(0, 1)  # (b*n, C), a copy
         for chans in evaluator.groups:
             params = evaluator.params(values).movedim(-1, 1).flatten(0, 1)  # (b*n, ...)
@@ -199,27 +198,31 @@ def _optional_digest(value: Tensor | None, integer: bool = False) -> bytes:
 
 def _schedule_of(model: nn.Module, size: tuple[int, int], name: str) -> tuple[int, int, Schedule]:
     """``(kind, slope, schedule)`` of a named schedule: kind 0 raster, 1 wavefront,
-    2 checkerboard (slope 1, unused)."""
+    2 checkerboard, 3 group checkerboard (slope 1, unused)."""
     if name not in _SCHEDULE_NAMES:
         raise ValueError(
             f"schedule must be one of {_SCHEDULE_NAMES} (a stream stores its name), "
             f"but got {name!r}"
         )
     plan = resolve_schedule(name, model, size)
-    if plan.name == "checkerboard":
-        return 2, 1, plan
+    order = model_order(model)
+    board = order if name == "auto" and order in BOARD_ORDERS else name
+    for kind, known in _BOARD_KINDS.items():
+        if board == known:
+            return kind, 1, plan
     # Every wavefront numbers its lines densely, so the first position of row 1 is at
     # step `slope` (raster: slope W).
     slope = int(plan.rank[1, 0]) if size[0] > 1 else size[1]
     return (0 if slope >= size[1] else 1), slope, plan
 
 
-_SCHEDULE_NAMES = ("auto", "raster", "wavefront", "checkerboard")
+_SCHEDULE_NAMES = ("auto", "raster", "wavefront", "checkerboard", "group-checkerboard")
+_BOARD_KINDS = {2: "checkerboard", 3: "group-checkerboard"}
 
 
 def _rebuild_schedule(model: nn.Module, size: tuple[int, int], kind: int, slope: int) -> Schedule:
-    if kind == 2:
-        return resolve_schedule("checkerboard", model, size)  # refused for a raster model
+    if kind in _BOARD_KINDS:  # refused for a model of another order
+        return resolve_schedule(_BOARD_KINDS[kind], model, size)
     return raster(size) if kind == 0 else wavefront(model, size, slope=slope)
 
 
@@ -268,9 +271,10 @@ def encode(
         x: ``(B, C, H, W)`` integer images (or VQ code maps, C = 1) in ``[0, K)``.
         labels: ``(B,)`` class labels, for a model built with ``num_classes``.
         cond: ``(B, M, h, w)`` map, for a model built with ``cond_channels``.
-        schedule: ``"auto"`` (the model's order: the checkerboard for a model built with
-            ``order="checkerboard"``, else the wavefront), ``"raster"``, ``"wavefront"``
-            or ``"checkerboard"``: the decode order (stored).
+        schedule: ``"auto"`` (the model's order: the (group) checkerboard for a model
+            built with ``order="checkerboard"`` or ``"group-checkerboard"``, else the
+            wavefront), ``"raster"``, ``"wavefront"``, ``"checkerboard"`` or
+            ``"group-checkerboard"``: the decode order (stored).
         block_size: images coded together (stored; ``decode`` uses it, whatever the
             caller's batch). Each block adds a 4-byte CRC.
         progress: show the blocks done (tqdm's bar if installed, else lines on stderr).
@@ -391,7 +395,7 @@ def decode(
             f"their float results may differ, and the decode then fails with CodecError",
             stacklevel=2,
         )
-    if kind not in (0, 1, 2) or not 1 <= slope <= width:
+    if kind not in (0, 1, *_BOARD_KINDS) or not 1 <= slope <= width:
         raise CodecError(f"the stream's header is invalid (schedule {kind}, slope {slope})")
     plan = _rebuild_schedule(model, (height, width), kind, slope)
     blocks = -(-batch // block)

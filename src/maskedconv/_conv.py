@@ -18,9 +18,10 @@ from ._formulations import choose as choose_formulation
 from ._formulations import plan as formulation_plan
 from ._formulations import run as run_formulation
 from ._masks import (
+    BOARD_MASK_TYPES,
     ColorGroups,
+    anchor_only_taps,
     check_color_groups,
-    checkerboard_taps,
     is_anchor,
     make_mask,
     normal_color_groups,
@@ -109,6 +110,12 @@ class MaskedConv2d(nn.Conv2d):
     pixel, a non-anchor its anchor neighbours. Decode such a model with
     ``maskedconv.checkerboard``: anchors first, then the rest.
 
+    ``mask_type="group-checkerboard"`` (ELIC's space-channel context, He et al., CVPR
+    2022) decodes the colour groups one after another, each as a checkerboard: output
+    group g sees the input groups before g at every tap (read as they are) and its own
+    group at the odd taps (read from the anchors only). Decode it with
+    ``maskedconv.group_checkerboard``: 2G steps.
+
     The mask is a non-persistent buffer ``.mask`` of the weight's shape, fixed at
     construction and multiplied into the weight inside ``forward``. Only the kernel
     rows and columns the mask keeps are convolved (for a causal mask, the rows at and
@@ -130,7 +137,8 @@ class MaskedConv2d(nn.Conv2d):
         bias: as in ``nn.Conv2d``.
         padding_mode: must be ``"zeros"``: reflected or circular padding copies
             future pixels into the past.
-        mask_type: ``"A"``, ``"B"``, ``"checkerboard"`` or a callable (see
+        mask_type: ``"A"``, ``"B"``, ``"checkerboard"``, ``"group-checkerboard"`` or a
+            callable (see
             ``maskedconv.MaskFunction``) returning a 0/1 mask.
         color_groups: number of ordered channel groups G (1 for binary or grayscale), or
             a list of uneven group sizes (``[1, 1, 2]``: group g takes
@@ -212,9 +220,9 @@ class MaskedConv2d(nn.Conv2d):
             color_groups, group_layout, in_channels=in_channels, out_channels=out_channels
         )
         color_groups = normal_color_groups(sizes)
-        if mask_type == "checkerboard" and any(d % 2 == 0 for d in dilation2):
+        if mask_type in BOARD_MASK_TYPES and any(d % 2 == 0 for d in dilation2):
             raise ValueError(
-                f"dilation must be odd for mask_type='checkerboard': an even dilation puts "
+                f"dilation must be odd for mask_type={mask_type!r}: an even dilation puts "
                 f"every tap on the centre's own colour of the board, but got {dilation}"
             )
         if groups != 1 and len(sizes) != 1:
@@ -254,6 +262,14 @@ class MaskedConv2d(nn.Conv2d):
         self.register_buffer(
             "mask", mask.to(device=self.weight.device, dtype=self.weight.dtype), persistent=False
         )
+        # A board mask's taps that read the anchors only (a float mask; None otherwise).
+        gated = anchor_only_taps(mask_type, mask, color_groups, group_layout)
+        self._anchor_source = None if gated is None else gated.to(mask.dtype)
+        self.register_buffer(
+            "anchor_mask",
+            None if gated is None else gated.to(self.weight.device, self.weight.dtype),
+            persistent=False,
+        )
         self._mask_bits = _mask_bits(mask)
         self._mask_seen = (id(self.mask), self.mask._version)
         with torch.no_grad():
@@ -265,6 +281,11 @@ class MaskedConv2d(nn.Conv2d):
         }
         kh, kw = kernel
         self._centre_kept = bool(mask[:, :, kh // 2, kw // 2].any())
+        # Whether the taps read as they are (a board mask's) are at the centre alone.
+        rest = mask if gated is None else mask * (1 - gated.to(mask.dtype))
+        rest_taps = rest.ne(0).any(0).any(0)
+        rest_taps[kh // 2, kw // 2] = False
+        self._rest_centre_only = not bool(rest_taps.any())
         digest = hashlib.sha256(f"{tuple(mask.shape)}".encode() + mask.numpy().tobytes())
         self._mask_digest = digest.hexdigest()
         self._mask_id = (self._mask_description(), self._mask_digest)
@@ -313,6 +334,9 @@ class MaskedConv2d(nn.Conv2d):
         source = getattr(self, "_mask_source", None)  # absent while nn.Conv2d.__init__ runs
         if source is not None:
             self.mask = source.to(device=self.weight.device, dtype=self.weight.dtype)
+        anchors = getattr(self, "_anchor_source", None)
+        if anchors is not None:
+            self.anchor_mask = anchors.to(device=self.weight.device, dtype=self.weight.dtype)
         return self
 
     def check_mask_unchanged(self) -> None:
@@ -360,8 +384,8 @@ class MaskedConv2d(nn.Conv2d):
                 f"{self.in_channels}), but got {tuple(input.shape)}"
             )
         dilation = cast("tuple[int, int]", self.dilation)
-        if self.mask_type == "checkerboard":
-            return self._checkerboard(input, dilation)
+        if self.anchor_mask is not None:
+            return self._board(input, dilation)
         if not self._plans[DEFAULT_FORMULATION]:  # the mask keeps nothing: the output is the bias
             padding = cast("tuple[int, int]", self.padding)  # always explicit, set in __init__
             return masked_conv2d(
@@ -370,28 +394,28 @@ class MaskedConv2d(nn.Conv2d):
         args = ConvArgs(input, self.weight, self.mask, self.bias, dilation, self.groups)
         return run_formulation(choose_formulation(self._plans, self._mask_id, args), *args)
 
-    def _checkerboard(self, input: Tensor, dilation: tuple[int, int]) -> Tensor:
-        # The odd taps read the anchors only (r + c even, in image coordinates): around a
-        # non-anchor they are its anchor neighbours, around an anchor non-anchors, zeroed.
-        # The centre (earlier groups of the same pixel) reads the input as it is.
+    def _board(self, input: Tensor, dilation: tuple[int, int]) -> Tensor:
+        # The gated taps read the anchors only (r + c even, in image coordinates): around
+        # a non-anchor they are its anchor neighbours, around an anchor non-anchors, zeroed.
+        # The other taps (the centre's earlier groups; a group checkerboard's earlier
+        # groups everywhere) read the input as it is.
+        assert self.anchor_mask is not None
         height, width = input.shape[-2:]
         rows = torch.arange(height, device=input.device).view(-1, 1)
         cols = torch.arange(width, device=input.device).view(1, -1)
         anchors = is_anchor(rows, cols).to(input.dtype)
-        kh, kw = self.weight.shape[-2:]
-        taps = checkerboard_taps((kh, kw)).to(self.mask.device, self.mask.dtype)
         padding = cast("tuple[int, int]", self.padding)
+        gated = self.anchor_mask
         out = masked_conv2d(
-            input * anchors,
-            self.weight,
-            self.mask * taps,
-            self.bias,
-            padding,
-            dilation,
-            self.groups,
+            input * anchors, self.weight, gated, self.bias, padding, dilation, self.groups
         )
-        if self._centre_kept:
-            i, j = kh // 2, kw // 2
+        if not self._rest_centre_only:
+            rest = self.mask - gated
+            return out + masked_conv2d(
+                input, self.weight, rest, None, padding, dilation, self.groups
+            )
+        if self._centre_kept:  # the centre alone, as a 1x1 conv
+            i, j = (k // 2 for k in self.weight.shape[-2:])
             centre = (self.weight * self.mask)[:, :, i : i + 1, j : j + 1]
             out = out + F.conv2d(input, centre, None, 1, 0, 1, self.groups)
         return out

@@ -12,8 +12,10 @@ At step t of the schedule (``positions``: n of them), ``params(values)`` takes t
 positions' current values ``(B, C, n)`` and returns the head's parameters there,
 ``(B, C, K, n)`` for a categorical head or ``(B, P, n)`` for the mixture: what
 ``model(x)[..., rows, cols]`` gives for the finished image. Within a pixel, colour groups
-come in order: group g's parameters are exact once the groups before it hold their final
-values. ``advance(values)`` stores the final values and moves to the next step.
+come in order (``groups``: the ones decoded at this step, all of them but for a
+group-major schedule, which decodes one a step): group g's parameters are exact once the
+groups before it hold their final values. ``advance(values)`` stores the final values and
+moves to the next step.
 
 The model protocol: ``model(x, **conditioning)``, ``in_channels``, ``head`` (else a
 categorical over the output's K), optional ``color_groups``/``group_layout``; for the
@@ -106,15 +108,24 @@ class Evaluator:
             if self.channels is None
             else _groups_of(model, self.channels, color_groups, group_layout)
         )
+        passes = self.schedule.group_passes
+        if passes > 1 and (self._groups is None or passes != len(self._groups)):
+            have = "unknown" if self._groups is None else len(self._groups)
+            raise ValueError(
+                f"{self.schedule!r} decodes {passes} colour groups one after another, but the "
+                f"model has {have} colour groups"
+            )
         self.step = 0
         self._last: Tensor | None = None  # the values of the last params() at this step
 
     @property
     def groups(self) -> list[slice]:
-        """The channels of each colour group, in the order they are decoded."""
+        """The channels of each colour group decoded at this step, in order: every group,
+        but the one of ``schedule.group(step)`` for a group-major schedule."""
         if self._groups is None:
             raise ValueError("the model has no in_channels attribute: groups are unknown")
-        return list(self._groups)
+        group = None if self.done else self.schedule.group(self.step)
+        return list(self._groups) if group is None else [self._groups[group]]
 
     @property
     def done(self) -> bool:
@@ -194,6 +205,9 @@ class Evaluator:
     def _sees_same(self, last: Tensor, values: Tensor) -> bool:
         # Nothing at a position sees its last group: if the last params() had every other
         # group's final values, what it computed there is final.
+        group = self.schedule.group(self.step)
+        if group is not None and self._groups is not None and group < len(self._groups) - 1:
+            return False  # group-major: the later groups at these positions see this one
         earlier = self._groups[:-1] if self._groups is not None else []
         return all(torch.equal(last[:, chans], values[:, chans]) for chans in earlier)
 

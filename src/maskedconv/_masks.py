@@ -35,6 +35,12 @@ Around an anchor those taps are non-anchors, which an anchor must not see: a
 ``MaskedConv2d`` with this mask feeds its taps the anchors only (the layer's rule, not the
 mask's), so an anchor sees no other pixel and a non-anchor sees its anchor neighbours.
 
+**Group checkerboard** (ELIC's space-channel context, He et al., CVPR 2022) decodes the
+channel groups one after another, each in the two passes of the checkerboard: 2G steps.
+Its mask keeps, for output group g, every tap of the input groups before g (they are
+decoded everywhere by then) and the odd taps of group g itself (read from the anchors
+only, as above); nothing of the groups after g.
+
 ``color_groups`` is a count G of equal groups or, for **uneven groups** (ELIC, He et
 al., CVPR 2022), a list of group sizes such as ``[1, 1, 2]``: a layer of C channels then
 splits in the same proportions, each group ``size * C / sum(sizes)`` channels (blocked
@@ -53,7 +59,14 @@ from torch import Tensor
 
 from ._checks import int_pair
 
-__all__ = ["MaskFunction", "make_mask", "mask_a", "mask_b", "mask_checkerboard"]
+__all__ = [
+    "MaskFunction",
+    "make_mask",
+    "mask_a",
+    "mask_b",
+    "mask_checkerboard",
+    "mask_group_checkerboard",
+]
 
 GROUP_LAYOUTS = ("blocked", "interleaved")
 
@@ -338,11 +351,61 @@ def mask_checkerboard(
     return mask
 
 
+def mask_group_checkerboard(
+    *,
+    out_channels: int,
+    in_channels: int,
+    kernel_size: tuple[int, int],
+    color_groups: ColorGroups = 1,
+    group_layout: str = "blocked",
+) -> Tensor:
+    """The group-checkerboard mask (ELIC, He et al., CVPR 2022): output group g sees every
+    tap of the input groups ``< g`` and the odd taps of group g; nothing of later groups.
+
+    As for the checkerboard, the mask alone is not causal: a
+    ``MaskedConv2d(mask_type="group-checkerboard")`` reads group g's odd taps from the
+    anchors only (``anchor_only_taps``). With G = 1 it is the checkerboard mask.
+
+    Returns:
+        ``(out_channels, in_channels, kh, kw)`` bool tensor.
+    """
+    out_groups = channel_groups(out_channels, color_groups, group_layout)
+    in_groups = channel_groups(in_channels, color_groups, group_layout)
+    kh, kw = kernel_size
+    earlier = (out_groups[:, None] > in_groups[None, :]).view(out_channels, in_channels, 1, 1)
+    same = (out_groups[:, None] == in_groups[None, :]).view(out_channels, in_channels, 1, 1)
+    return earlier.expand(-1, -1, kh, kw) | (same & checkerboard_taps(kernel_size))
+
+
+def anchor_only_taps(
+    mask_type: object, mask: Tensor, color_groups: ColorGroups, group_layout: str
+) -> Tensor | None:
+    """The entries of a board mask whose taps read the anchors only, as a bool tensor of
+    the mask's shape; ``None`` for a mask type without that rule (A, B, a callable).
+
+    ``"checkerboard"``: every odd tap; ``"group-checkerboard"``: the odd taps of the
+    output's own group (the earlier groups are read everywhere).
+    """
+    if mask_type not in BOARD_MASK_TYPES:
+        return None
+    out_channels, in_channels, kh, kw = mask.shape
+    gated = mask.bool() & checkerboard_taps((kh, kw))
+    if mask_type == "group-checkerboard":
+        out_groups = channel_groups(out_channels, color_groups, group_layout)
+        in_groups = channel_groups(in_channels, color_groups, group_layout)
+        same = out_groups[:, None] == in_groups[None, :]
+        gated &= same.view(out_channels, in_channels, 1, 1)
+    return gated
+
+
 MASK_TYPES: dict[str, MaskFunction] = {
     "A": mask_a,
     "B": mask_b,
     "checkerboard": mask_checkerboard,
+    "group-checkerboard": mask_group_checkerboard,
 }
+BOARD_MASK_TYPES = ("checkerboard", "group-checkerboard")
+"""The mask types whose odd taps read the anchors only (a layer's rule)."""
 
 
 def resolve_mask_type(mask_type: str | Callable[..., Tensor]) -> Callable[..., Tensor]:

@@ -17,7 +17,7 @@ from ._steps import CausalUnit
 
 __all__ = ["PixelCNN", "PixelCNNConfig"]
 
-ORDERS = ("raster", "checkerboard")
+ORDERS = ("raster", "checkerboard", "group-checkerboard")
 
 
 def _block_class(block: object) -> type[CausalUnit]:
@@ -47,8 +47,9 @@ class PixelCNNConfig(ModelConfig):
     # built as block(channels, kernel_size, color_groups=, group_layout=, num_classes=,
     # cond_channels=); a class is not saved by save_pretrained.
     block: str | type[CausalUnit] = "residual"
-    # "raster" (van den Oord et al.) or "checkerboard" (He et al., CVPR 2021): a
-    # checkerboard-masked first conv, then pointwise blocks; decoded in 2 steps.
+    # "raster" (van den Oord et al.), "checkerboard" (He et al., CVPR 2021: a
+    # checkerboard-masked first conv, then pointwise blocks; decoded in 2 steps) or
+    # "group-checkerboard" (ELIC: the same, the colour groups one after another; 2G steps).
     order: str = "raster"
 
     def _check_trunk(self, groups: int | list[int]) -> None:
@@ -117,7 +118,10 @@ class PixelCNN(AutoregressiveModel):
             is ``mask_type="checkerboard"`` (anchors, ``r + c`` even, see no other pixel;
             the rest see their anchor neighbours) and the blocks' middle convs are 1x1,
             so the model decodes in 2 steps (``maskedconv.checkerboard``) instead of
-            raster order's H*W, at some cost in likelihood.
+            raster order's H*W, at some cost in likelihood; or ``"group-checkerboard"``
+            (ELIC's space-channel context, He et al., CVPR 2022): the same with the
+            colour groups decoded one after another, group g seeing every earlier group
+            everywhere (``maskedconv.group_checkerboard``, 2G steps).
 
     Example:
         >>> model = PixelCNN(1, 2, hidden_channels=16, num_layers=2)
@@ -148,7 +152,7 @@ class PixelCNN(AutoregressiveModel):
         num_classes: int | None = None,
         cond_channels: int | None = None,
         block: Literal["residual", "bottleneck"] | str | type[CausalUnit] = "residual",
-        order: Literal["raster", "checkerboard"] | str = "raster",
+        order: Literal["raster", "checkerboard", "group-checkerboard"] | str = "raster",
     ) -> None:
         arguments = dict(locals())
         super().__init__()

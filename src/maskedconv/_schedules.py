@@ -7,6 +7,11 @@ itself, on earlier colour groups). Three are built in:
 * **raster**: one position a step, top to bottom, left to right: H*W steps;
 * **checkerboard**: the anchors (``r + c`` even) in step 0, the rest in step 1: the order
   of a model built with ``order="checkerboard"`` (He et al., CVPR 2021);
+* **group checkerboard**: the colour groups one after another, each in the checkerboard's
+  two steps (2G steps): the order of a model built with ``order="group-checkerboard"``
+  (ELIC's space-channel context, He et al., CVPR 2022). A *group-major* schedule: each
+  step decodes one group (``schedule.group(t)``), where the others decode every group of
+  a step's positions in turn;
 * **wavefront**: every position on the line ``col + slope * row = t`` in step t. For a
   stack of masked kxk convs (h = k // 2) an output at (r, c) depends on inputs at
   (r - d, c + e) only with e <= h*d, so ``slope = h + 1`` is exact: the design blog's
@@ -39,9 +44,19 @@ from torch import Tensor, nn
 from ._checks import image_size as check_image_size
 from ._checks import positive_int
 
-__all__ = ["Positions", "Schedule", "checkerboard", "model_slope", "raster", "wavefront"]
+__all__ = [
+    "Positions",
+    "Schedule",
+    "checkerboard",
+    "group_checkerboard",
+    "model_slope",
+    "raster",
+    "wavefront",
+]
 
-SCHEDULES = ("auto", "raster", "wavefront", "checkerboard")
+SCHEDULES = ("auto", "raster", "wavefront", "checkerboard", "group-checkerboard")
+BOARD_ORDERS = ("checkerboard", "group-checkerboard")
+"""Model orders decoded on the checkerboard: no wavefront or raster order is exact."""
 
 
 class Positions:
@@ -109,6 +124,11 @@ class Schedule(Plan):
     list of ``(row, col)``; ``schedule[t]`` its ``Positions``; ``rank`` the ``(H, W)``
     step of every position.
 
+    A *group-major* schedule (``group_checkerboard``) runs these steps once per colour
+    group: ``group_passes`` G > 1, ``len(schedule)`` is G times the steps above, step t
+    visits the positions of step ``t % steps`` and decodes group ``schedule.group(t)``
+    only; ``group_rank`` is the ``(G, H, W)`` step of each group of each position.
+
     Args:
         steps: each step's ``(row, col)`` positions; every position of the image exactly
             once, no step empty.
@@ -156,14 +176,54 @@ class Schedule(Plan):
         Plan.__init__(schedule, rank, steps)
         return schedule
 
+    group_passes = 1
+    """G for a group-major schedule (each step decodes one colour group), else 1."""
+
     @property
     def rank(self) -> Tensor:
-        """``(H, W)`` int64: the step of each position."""
+        """``(H, W)`` int64: the step of each position (in the first group's pass)."""
         return self.when
 
+    @property
+    def group_rank(self) -> Tensor:
+        """``(G, H, W)`` int64 for a group-major schedule: the step that decodes group g
+        of each position; ``(1, H, W)`` (every group at ``rank``) otherwise."""
+        passes = torch.arange(self.group_passes).view(-1, 1, 1)
+        return passes * self.steps + self.when.unsqueeze(0)
+
+    def group(self, step: int) -> int | None:
+        """The colour group decoded at ``step`` of a group-major schedule; ``None``:
+        every group, in order."""
+        if self.group_passes == 1:
+            return None
+        return self._index(step) // self.steps
+
+    def _index(self, step: int) -> int:
+        total = len(self)
+        if not -total <= step < total:
+            raise IndexError(f"step {step} is outside the {total} steps of {self!r}")
+        return step % total
+
+    def __len__(self) -> int:
+        return self.steps * self.group_passes
+
+    def __getitem__(self, step: int) -> Positions:
+        return self._positions[self._index(step) % self.steps]
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for positions in self._positions:
-            yield positions.tolist()
+        for step in range(len(self)):
+            yield self[step].tolist()
+
+    def by_group(self, color_groups: int, name: str | None = None) -> Schedule:
+        """This schedule run once per colour group, group-major: ``color_groups`` times
+        its steps, each decoding one group."""
+        groups = positive_int("color_groups", color_groups)
+        schedule = copy.copy(self)
+        schedule.__dict__.pop("_row_plans", None)
+        schedule.__dict__.pop("image_frontier", None)
+        schedule.group_passes = groups
+        schedule.name = name or f"{self.name} by group, {groups} groups"
+        return schedule
 
     @functools.cached_property
     def image_frontier(self) -> Tensor:
@@ -173,7 +233,7 @@ class Schedule(Plan):
         return (done_by.unsqueeze(0) < steps).sum(2)
 
     def __repr__(self) -> str:
-        return f"Schedule({self.name}, {self.height}x{self.width}, {self.steps} steps)"
+        return f"Schedule({self.name}, {self.height}x{self.width}, {len(self)} steps)"
 
 
 @functools.lru_cache(maxsize=64)
@@ -219,6 +279,26 @@ def checkerboard(image_size: tuple[int, int]) -> Schedule:
     """
     height, width = check_image_size(image_size)
     return _checkerboard(height, width)
+
+
+def group_checkerboard(image_size: tuple[int, int], color_groups: Any) -> Schedule:
+    """The group-checkerboard schedule (ELIC, He et al., CVPR 2022): colour group 0's
+    anchors, then its non-anchors, then group 1's, ...: 2G steps, each decoding one group.
+
+    Exact for a model built with ``order="group-checkerboard"``, whose group g sees the
+    groups before it everywhere and, of its own group, the anchors from the non-anchors
+    (prove it with ``assert_causal(model, shape, schedule=group_checkerboard((H, W), G))``).
+
+    Args:
+        image_size: ``(H, W)``.
+        color_groups: the model's ``color_groups`` (a count G or uneven sizes).
+    """
+    from ._masks import group_sizes
+
+    height, width = check_image_size(image_size)
+    groups = len(group_sizes(color_groups))
+    board = _checkerboard(height, width)
+    return board.by_group(groups, f"group checkerboard, {groups} groups")
 
 
 def model_order(model: Any) -> str:
@@ -278,10 +358,16 @@ def model_slope(model: Any) -> int:
     """
     if isinstance(model, nn.Module) and model in _SLOPES:
         return _SLOPES[model]
-    if model_order(model) == "checkerboard":
+    order = model_order(model)
+    if order in BOARD_ORDERS:
+        use = (
+            "checkerboard((H, W)) (2 steps)"
+            if order == "checkerboard"
+            else "group_checkerboard((H, W), G) (2G steps)"
+        )
         raise ValueError(
             f"no wavefront is exact for a {type(model).__name__} built with "
-            f"order='checkerboard': use checkerboard((H, W)) (2 steps)"
+            f"order={order!r}: use {use}"
         )
     trunk, stem = getattr(model, "trunk", None), getattr(model, "stem", None)
     if trunk is None or stem is None or not hasattr(stem, "out_channels"):
@@ -339,9 +425,10 @@ def _measure_slope(model: Any, trunk: Any, stem: Any) -> int:
 
 
 def resolve_schedule(schedule: object, model: Any, size: tuple[int, int]) -> Schedule:
-    """A ``Schedule`` from ``"auto"``, ``"raster"``, ``"wavefront"``, ``"checkerboard"`` or a
-    ``Schedule``. ``"auto"`` is the model's own order (``model.order``): the checkerboard,
-    or for raster models the wavefront where it at least halves the steps."""
+    """A ``Schedule`` from ``"auto"``, ``"raster"``, ``"wavefront"``, ``"checkerboard"``,
+    ``"group-checkerboard"`` or a ``Schedule``. ``"auto"`` is the model's own order
+    (``model.order``): the (group) checkerboard, or for raster models the wavefront where
+    it at least halves the steps."""
     if isinstance(schedule, Schedule):
         if (schedule.height, schedule.width) != tuple(size):
             raise ValueError(
@@ -350,19 +437,22 @@ def resolve_schedule(schedule: object, model: Any, size: tuple[int, int]) -> Sch
             )
         return schedule
     order = model_order(model)
-    if schedule == "checkerboard" or (schedule == "auto" and order == "checkerboard"):
-        if order != "checkerboard":
+    if schedule == "auto" and order in BOARD_ORDERS:
+        schedule = order
+    if schedule in BOARD_ORDERS:
+        if order != schedule:
             raise ValueError(
-                f"schedule='checkerboard' is exact only for a model built with "
-                f"order='checkerboard'; {type(model).__name__} has order={order!r}: use "
-                f"schedule='auto', 'wavefront' or 'raster'"
+                f"schedule={schedule!r} is exact only for a model built with "
+                f"order={schedule!r}; {type(model).__name__} has order={order!r}: use "
+                f"schedule='auto'"
             )
-        return checkerboard(size)
-    if order == "checkerboard" and schedule in ("raster", "wavefront"):
+        if schedule == "checkerboard":
+            return checkerboard(size)
+        return group_checkerboard(size, getattr(model, "color_groups", 1))
+    if order in BOARD_ORDERS and schedule in ("raster", "wavefront"):
         raise ValueError(
-            f"schedule={schedule!r} is not exact for a model built with order='checkerboard' "
-            f"(a non-anchor sees the anchor to its right): use schedule='checkerboard' or "
-            f"'auto'"
+            f"schedule={schedule!r} is not exact for a model built with order={order!r} "
+            f"(a non-anchor sees the anchor to its right): use schedule='auto'"
         )
     if schedule == "raster":
         return raster(size)
@@ -400,6 +490,13 @@ def plan_row_streams(schedule: Schedule, reads: Sequence[RowReads]) -> list[tupl
         ValueError: if a value would be needed before it can be computed (the schedule is
             too steep for the streams).
     """
+    if not reads:
+        return []
+    if schedule.group_passes > 1:
+        raise ValueError(
+            f"{schedule!r} decodes one colour group a step, which a row stream (a gated "
+            f"vertical stack) cannot follow: use a raster or wavefront schedule"
+        )
     key = tuple(reads)
     kept: dict[Any, list[tuple[Plan, Any]]] = schedule.__dict__.setdefault("_row_plans", {})
     if key in kept:

@@ -156,6 +156,9 @@ class ConvStep:
     each call puts the positions' inputs in it and reads, for each position, the taps
     the mask keeps (one gather), then does one matmul ``(B*n, taps*C_in) @ (taps*C_in,
     C_out)``. A 1x1 conv keeps no cache. The weights are read when the step is built.
+    A board conv (``"checkerboard"``, ``"group-checkerboard"``) gives an anchor's output a
+    second weight, without the taps that read the anchors only; a step of anchors alone
+    whose context is then the centre runs as a 1x1 conv.
     (A strided view over the bounding box of the taps, for evenly spaced positions, was
     measured within 10% of the gather either way, and slower for few input channels.)
     """
@@ -163,16 +166,12 @@ class ConvStep:
     def __init__(self, conv: nn.Conv2d, context: StepContext) -> None:
         height, width = context.schedule.height, context.schedule.width
         weight = masked_weight(conv)
-        # A checkerboard conv: its odd taps read the anchors only (the cache holds zeros
-        # at the other positions) and its centre the position's own input, as a 1x1.
-        self.board = isinstance(conv, MaskedConv2d) and conv.mask_type == "checkerboard"
-        self.centre: Tensor | None = None
-        if self.board:
-            i, j = (k // 2 for k in weight.shape[-2:])
-            if bool(weight[:, :, i, j].ne(0).any()):
-                self.centre = weight[:, :, i, j].t().contiguous()  # (I, O)
-            weight = weight.clone()
-            weight[:, :, i, j] = 0
+        # A board conv (checkerboard, group checkerboard): its gated taps read the anchors
+        # only. The cache holds the input as it is; around a non-anchor those taps are
+        # anchors already, so only an anchor's output leaves them out (its own weight).
+        gated = getattr(conv, "anchor_mask", None) if isinstance(conv, MaskedConv2d) else None
+        self.gated = gated is not None
+        anchor_weight = weight if gated is None else torch.where(gated.bool(), 0.0, weight)
         if conv.groups != 1:  # a grouped conv as the dense conv it equals
             out_c, per_group = weight.shape[:2]
             dense = weight.new_zeros(out_c, per_group * conv.groups, *weight.shape[2:])
@@ -180,13 +179,26 @@ class ConvStep:
             for g in range(conv.groups):
                 chunk = slice(g * per_group, (g + 1) * per_group)
                 dense[g * step : (g + 1) * step, chunk] = weight[g * step : (g + 1) * step]
-            weight = dense
+            weight = anchor_weight = dense  # a board conv has groups == 1
         out_c, in_c, kh, kw = weight.shape
         self.out_channels = out_c
         self.bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(out_c)
         self.spatial = (kh, kw) != (1, 1)
+        # Where an anchor's output reads its own position alone (a checkerboard's centre),
+        # its step is a 1x1 conv of the input there: (I, O), or None for no tap at all.
+        self.anchor_centre: Tensor | None = None
+        self.anchor_pointwise = False
+        if self.gated and self.spatial:
+            off_centre = anchor_weight.ne(0).any(0).any(0)
+            off_centre[kh // 2, kw // 2] = False
+            if not bool(off_centre.any()):
+                self.anchor_pointwise = True
+                centre = anchor_weight[:, :, kh // 2, kw // 2]
+                if bool(centre.ne(0).any()):
+                    self.anchor_centre = centre.t().contiguous()
         if not self.spatial:
             self.weight = weight[:, :, 0, 0].t().contiguous()  # (I, O)
+            self.anchor_weight = anchor_weight[:, :, 0, 0].t().contiguous()
             return
         taps = torch.nonzero(weight.ne(0).any(0).any(0)).tolist()  # kept (i, j), raster
         if not taps:  # the mask keeps nothing: read one (zero-weighted) tap
@@ -196,9 +208,14 @@ class ConvStep:
         padded_w = width + 2 * pw
         self.key = (padded_w, ph, pw)
         self.offsets = torch.tensor([i * dh * padded_w + j * dw for i, j in taps])
+
         # (O, I, T) -> (T*I, O): the order of a (B, n, T, I) patch, flattened.
-        kept = torch.stack([weight[:, :, i, j] for i, j in taps], dim=2)
-        self.weight = kept.permute(2, 1, 0).reshape(len(taps) * in_c, out_c).contiguous()
+        def gathered(w: Tensor) -> Tensor:
+            kept = torch.stack([w[:, :, i, j] for i, j in taps], dim=2)
+            return kept.permute(2, 1, 0).reshape(len(taps) * in_c, out_c).contiguous()
+
+        self.weight = gathered(weight)
+        self.anchor_weight = gathered(anchor_weight) if self.gated else self.weight
         self.cache = weight.new_zeros(context.batch, (height + 2 * ph) * padded_w, in_c)
         # For a whole row at once (a row stream in raster order): the kernel rows that
         # hold a kept tap, for one convolution over that slab of the cache.
@@ -245,15 +262,15 @@ class ConvStep:
         return patches.view(self.cache.shape[0] * len(at), -1)
 
     def write(self, x: Tensor, at: Positions) -> None:
-        """Store the input ``(B, n, C_in)`` at ``at`` (a checkerboard conv: at anchors only)."""
+        """Store the input ``(B, n, C_in)`` at ``at``."""
         if self.spatial:
-            if self.board:
-                anchors = at.derived("anchors", x.device, lambda p: is_anchor(p.rows, p.cols))
-                x = x * anchors.view(-1, 1).to(x.dtype)
             self.cache.index_copy_(1, self._put_index(at), x)
 
     def read(self, at: Positions) -> Tensor:
-        """The conv's output ``(B, n, C_out)`` at ``at`` from the cache (a k x k conv only)."""
+        """The conv's output ``(B, n, C_out)`` at ``at`` from the cache (a k x k conv with
+        no gated taps only: what a row stream reads)."""
+        if self.gated:
+            raise NoIncrementalPathError("a board conv's output is read at its own step only")
         if len(at) == self.width and _is_row(at):
             return self._whole_row(at)
         out = torch.addmm(self.bias, self._patches(at), self.weight)
@@ -262,32 +279,32 @@ class ConvStep:
     def __call__(self, x: Tensor, at: Positions, *, relu: bool = False) -> Tensor:
         """The conv's output ``(B, n, C_out)`` at ``at``, from the input ``(B, n, C_in)``
         there; ``relu`` applies a ReLU in the same op."""
-        if self.spatial and self.board and _all_anchors(at):
-            # Around an anchor every odd tap is a non-anchor, which reads as zero: only the
-            # bias and the centre remain (half a checkerboard model's context work).
-            self.write(x, at)
-            batch, n = x.shape[:2]
+        self.write(x, at)
+        batch, n = x.shape[:2]
+        anchors = _anchor_kind(at) if self.gated else "none"
+        if anchors == "all" and self.anchor_pointwise:
+            # Around an anchor every gated tap reads as zero: only the bias and the centre
+            # remain (half a checkerboard model's context work).
             out = self.bias.expand(batch * n, -1)
-            if self.centre is not None:
-                out = torch.addmm(out, x.reshape(batch * n, -1), self.centre)
+            if self.anchor_centre is not None:
+                out = torch.addmm(out, x.reshape(batch * n, -1), self.anchor_centre)
             out = out.relu() if relu else out.clone()
             return out.view(batch, n, -1)
         if self.spatial:
-            self.write(x, at)
-            batch, n = self.cache.shape[0], len(at)
             flat = self._patches(at)
         else:
-            batch, n = x.shape[:2]
             flat = x.view(batch * n, -1) if x.is_contiguous() else x.reshape(batch * n, -1)
-        if self.centre is not None:
-            out = torch.addmm(self.bias, flat, self.weight)
-            out.addmm_(x.reshape(batch * n, -1), self.centre)
-            if relu:
-                out.relu_()
-        elif relu:
-            out = torch._addmm_activation(self.bias, flat, self.weight)
+        weight = self.anchor_weight if anchors == "all" else self.weight
+        if anchors == "some":
+            out = torch.addmm(self.bias, flat, weight).view(batch, n, -1)
+            at_anchor = torch.addmm(self.bias, flat, self.anchor_weight).view(batch, n, -1)
+            where = at.derived("anchors", x.device, lambda p: is_anchor(p.rows, p.cols))
+            out = torch.where(where.view(1, n, 1), at_anchor, out)
+            return out.relu() if relu else out
+        if relu:
+            out = torch._addmm_activation(self.bias, flat, weight)
         else:
-            out = torch.addmm(self.bias, flat, self.weight)
+            out = torch.addmm(self.bias, flat, weight)
         return out.view(batch, n, -1)
 
     def cache_bytes(self) -> int:
@@ -296,10 +313,12 @@ class ConvStep:
         return int(self.cache.numel() * self.cache.element_size())
 
 
-def _all_anchors(at: Positions) -> bool:
-    """Whether every position of ``at`` is a checkerboard anchor (``row + col`` even)."""
+def _anchor_kind(at: Positions) -> str:
+    """Whether ``"all"``, ``"none"`` or ``"some"`` of ``at`` are checkerboard anchors
+    (``row + col`` even); worked out once per step."""
     cpu = torch.device("cpu")
-    return bool(at.derived("all_anchors", cpu, lambda p: is_anchor(p.rows, p.cols).all()))
+    count = int(at.derived("anchor_count", cpu, lambda p: is_anchor(p.rows, p.cols).sum()))
+    return "all" if count == len(at) else "none" if count == 0 else "some"
 
 
 def _is_row(at: Positions) -> bool:
