@@ -419,10 +419,12 @@ def make_parser(exp: Experiment, description: str) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--order",
-        choices=("raster", "checkerboard"),
+        choices=("raster", "checkerboard", "group-checkerboard"),
         default="raster",
-        help="pixelcnn: raster order (H*W sampling steps), or a checkerboard context "
-        "(2 steps: the anchors, then the rest; He et al. 2021), at some cost in NLL",
+        help="pixelcnn: raster order (H*W sampling steps), a checkerboard context "
+        "(2 steps: the anchors, then the rest; He et al. 2021), at some cost in NLL, or a "
+        "group checkerboard (2G steps: each colour group in turn as a checkerboard, seeing "
+        "the earlier groups everywhere; ELIC, He et al. 2022)",
     )
     p.add_argument(
         "--color-groups",

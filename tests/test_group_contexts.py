@@ -15,6 +15,7 @@ from pixelcnn_models import perturb_
 from torch import nn
 
 from maskedconv import (
+    ConvUnit,
     FullForwardEvaluator,
     GatedPixelCNN,
     IncrementalEvaluator,
@@ -310,3 +311,48 @@ def test_saved_model_loads_and_decodes(tmp_path) -> None:
     x = torch.randint(0, 4, (2, 4, 5, 5))
     assert torch.equal(loaded.log_prob(x), model.log_prob(x))
     assert torch.equal(codec.decode(loaded, codec.encode(model, x)), x)
+
+
+def _earlier_groups_everywhere(**given) -> torch.Tensor:
+    """A k x k mask: every tap of the earlier groups, the centre of the own group."""
+    from maskedconv._masks import channel_groups
+
+    out_c, in_c, (kh, kw) = given["out_channels"], given["in_channels"], given["kernel_size"]
+    go = channel_groups(out_c, given["color_groups"], given["group_layout"])
+    gi = channel_groups(in_c, given["color_groups"], given["group_layout"])
+    mask = (gi[None, :] < go[:, None]).view(out_c, in_c, 1, 1).repeat(1, 1, kh, kw)
+    mask[:, :, kh // 2, kw // 2] = gi[None, :] <= go[:, None]
+    return mask
+
+
+class _WideEarlierGroups(ConvUnit):
+    """A 3x3 unit after the context that reads the earlier groups everywhere: exact
+    group-major, and it keeps a cache, so the evaluator reruns it to store final values."""
+
+    def __init__(self, channels: int, kernel_size: int, **options: object) -> None:
+        groups = options["color_groups"]
+        conv = MaskedConv2d(channels, channels, 3, mask_type=_earlier_groups_everywhere,
+                            color_groups=groups)  # fmt: skip
+        super().__init__(conv)
+
+
+def test_a_unit_with_a_cache_after_the_context_is_exact() -> None:
+    model = _model(block=_WideEarlierGroups).double()
+    order = group_checkerboard((5, 6), 3)
+    assert assert_causal(model, (3, 3, 5, 6), schedule=order) == 6
+    ev = IncrementalEvaluator(model, 2, (5, 6))
+    assert not all(step.stateless for step in ev._steps[1:])  # the rerun path
+    x = torch.randint(0, 4, (2, 3, 5, 6))
+    full = model(x)
+    while not ev.done:
+        at = ev.schedule[ev.step]
+        (chans,) = ev.groups
+        values = x[:, :, at.rows, at.cols].clone()
+        values[:, chans.start :] = 0
+        got = ev.params(values)[:, chans]
+        assert torch.allclose(got, full[:, chans][..., at.rows, at.cols], atol=1e-10)
+        values[:, chans] = x[:, chans][:, :, at.rows, at.cols]
+        ev.advance(values)
+    a = sample(model.float(), (2, 3, 5, 6), generator=torch.Generator().manual_seed(4))
+    b = sample(model, (2, 3, 5, 6), generator=torch.Generator().manual_seed(4), method="naive")
+    assert torch.equal(a, b)

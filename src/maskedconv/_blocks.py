@@ -109,6 +109,10 @@ class _ConvUnitStep(UnitStep):
     def write(self, x: Tensor, t: int) -> None:
         self.conv.write(x, self.schedule[t])
 
+    @property
+    def stateless(self) -> bool:
+        return not self.conv.spatial and self.rows is None
+
     def cache_bytes(self) -> int:
         return self.conv.cache_bytes()
 
@@ -320,6 +324,10 @@ class _SkipBlockStep(UnitStep):
             h += self.bias(at)
             h.relu_()
         return self.conv_out(h, at, relu=self.norm is None).add_(x)
+
+    @property
+    def stateless(self) -> bool:
+        return not self.conv_mid.spatial and self.rows is None
 
     def cache_bytes(self) -> int:
         return self.conv_mid.cache_bytes()

@@ -316,9 +316,11 @@ class IncrementalEvaluator(Evaluator):
         return self._head.arrange(out, values.shape[1], self._layout)
 
     def _advance(self, values: Tensor, computed: bool) -> None:
-        if computed:
-            # Only the first unit sees a position's own values, and nothing there sees its
-            # last group: after that group's step everything else there is final.
+        # Only the first unit sees a position's own values, and nothing there sees its
+        # last group: after that group's step everything else there is final. Where every
+        # later unit keeps nothing between steps (a checkerboard model's 1x1 blocks), the
+        # first unit's cache is all there is to store.
+        if computed or all(step.stateless for step in self._steps[1:]):
             self._steps[0].write(self._features(values), self.step)
         else:
             self._params(values)

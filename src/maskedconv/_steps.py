@@ -96,9 +96,16 @@ class UnitStep:
       that nothing at them depends on what changed since the last ``step`` (only the
       first unit gets it). The default runs ``step``.
     * ``rows``: the ``RowStream`` of the row values it returns (or passes on).
+    * ``stateless``: True when ``step`` keeps nothing for later steps (no cache, no row
+      values): the evaluator then never reruns it to store final values. False unless a
+      subclass says otherwise.
     """
 
     rows: RowStream | None = None
+
+    @property
+    def stateless(self) -> bool:
+        return False
 
     def advance_rows(self, t: int, rows: Any) -> Any:
         return rows
