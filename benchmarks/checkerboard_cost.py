@@ -11,11 +11,19 @@
         --max-steps 1000 --order checkerboard
     python benchmarks/checkerboard_cost.py --mnist runs/bin runs/bin_board
 
-Each pair is one example run twice, with ``--order raster`` (the default) and ``--order
-checkerboard``, trained alike. The test NLL comes from each run's ``metrics.json``; the
-sampling time is measured here, both models in turn for ``--rounds`` paired rounds, at
-one thread (pinned: on a busy 2-core machine torch's default thread count swings the time
-several-fold), reported as the median ratio of the pairs with its quartiles. Run it alone.
+    python examples/mnist_color.py --data-dir ../shared/data/mnist --out-dir runs/col ...
+    python examples/mnist_color.py ... --out-dir runs/col_board --order checkerboard
+    python examples/mnist_color.py ... --out-dir runs/col_groups --order group-checkerboard
+    python benchmarks/checkerboard_cost.py --mnist runs/col runs/col_board runs/col_groups
+
+Each set is one example run several times, first with ``--order raster`` (the default),
+then with ``--order checkerboard`` or ``group-checkerboard``, trained alike. The test NLL
+comes from each run's ``metrics.json``; the sampling time is measured here, the models in
+turn for ``--rounds`` interleaved rounds, at one thread (pinned: on a busy 2-core machine
+torch's default thread count swings the time several-fold), each board model reported as
+the median ratio of its rounds to raster's with the quartiles. With ``--data-dir`` each
+test NLL is also split into the anchors (``row + col`` even) and the rest, per channel
+for colour images. Run it alone.
 """
 
 from __future__ import annotations
@@ -62,23 +70,23 @@ def _mnist(run: Path) -> tuple[Any, float, str]:
 
 
 @torch.no_grad()
-def _by_colour(model: Any, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
-    """Mean NLL in bits of the anchors (``row + col`` even) and of the others."""
+def _by_colour(model: Any, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
+    """Mean NLL in bits a sub-pixel of the anchors (``row + col`` even) and of the others,
+    per channel."""
     kwargs = {} if labels is None else {"labels": labels}
     per = []
     for start in range(0, len(x), 500):
         part = x[start : start + 500]
         more = {k: v[start : start + 500] for k, v in kwargs.items()}
         params = model(part, **more)
-        per.append(-model.head.log_prob(params, part).sum(1))  # (B, H, W) nats
-    nats = torch.cat(per)
+        per.append(-model.head.log_prob(params, part))  # (B, C, H, W) nats
+    bits = torch.cat(per) / torch.log(torch.tensor(2.0))
     rows = torch.arange(x.shape[-2]).view(-1, 1)
     cols = torch.arange(x.shape[-1]).view(1, -1)
     anchors = (rows + cols) % 2 == 0
-    bits = nats / torch.log(torch.tensor(2.0))
     return {
-        "anchors": float(bits[:, anchors].mean()),
-        "non_anchors": float(bits[:, ~anchors].mean()),
+        "anchors": [float(bits[:, c][:, anchors].mean()) for c in range(bits.shape[1])],
+        "non_anchors": [float(bits[:, c][:, ~anchors].mean()) for c in range(bits.shape[1])],
     }
 
 
@@ -90,8 +98,17 @@ def _test_data(args: argparse.Namespace, run: Path) -> tuple[torch.Tensor, torch
     if args.vq:
         codes = torch.load(run / "codes.pt", weights_only=True)["test"][0]
         return codes[:, None].long(), labels[: len(codes)]
+    if _mnist(run)[0].in_channels == 3:  # the colour example's test set
+        from mnist_common import colorize
+
+        coloured = colorize(mnist["test"], seed=1).transpose(0, 3, 1, 2)
+        return torch.from_numpy(coloured.copy()).long(), None
     images = torch.from_numpy(mnist["test"].copy())[:, None]
     return (images > 127.5).long(), None
+
+
+def _order(model: Any) -> str:
+    return str(getattr(model, "order", "raster"))
 
 
 def main() -> None:
@@ -99,8 +116,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     kind = parser.add_mutually_exclusive_group(required=True)
-    kind.add_argument("--vq", nargs=2, metavar=("RASTER", "BOARD"), help="vqvae_prior.py runs")
-    kind.add_argument("--mnist", nargs=2, metavar=("RASTER", "BOARD"), help="mnist_*.py runs")
+    runs_help = "the raster run, then one or more board runs"
+    kind.add_argument("--vq", nargs="+", metavar="RUN", help="vqvae_prior.py runs: " + runs_help)
+    kind.add_argument("--mnist", nargs="+", metavar="RUN", help="mnist_*.py runs: " + runs_help)
     parser.add_argument("--images", type=int, default=100, help="images (maps) a sampling call")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument(
@@ -109,10 +127,20 @@ def main() -> None:
         help="MNIST IDX files: also split each model's test NLL into anchors and the rest",
     )
     args = parser.parse_args()
+    runs = [Path(p) for p in (args.vq or args.mnist)]
+    if len(runs) < 2:
+        parser.error(f"give the raster run and at least one board run, but got {len(runs)} run")
     torch.set_num_threads(1)
     load = _vq if args.vq else _mnist
-    runs = [Path(p) for p in (args.vq or args.mnist)]
-    (raster, raster_nll, unit), (board, board_nll, _) = (load(run) for run in runs)
+    loaded = [load(run) for run in runs]
+    models = {_order(model): model for model, _, _ in loaded}
+    if next(iter(models)) != "raster" or len(models) != len(runs):
+        parser.error(
+            f"the first run must be raster and each other of another order, but got "
+            f"{[_order(m) for m, _, _ in loaded]}"
+        )
+    nll = {_order(model): value for model, value, _ in loaded}
+    unit = loaded[0][2]
     size = (7, 7) if args.vq else (28, 28)
     kwargs = {"labels": torch.arange(args.images) % 10} if args.vq else {}
     generator = torch.Generator().manual_seed(0)
@@ -120,44 +148,40 @@ def main() -> None:
     def draw(model: Any) -> Any:
         return lambda: model.sample(args.images, size, generator=generator, **kwargs)
 
-    timings = interleaved({"raster": draw(raster), "checkerboard": draw(board)}, args.rounds)
-    ratio = spread(timings.ratios("raster", "checkerboard"))
-    steps = {
-        name: len(IncrementalEvaluator(model, 1, size, **{k: v[:1] for k, v in kwargs.items()})
-                  .schedule)
-        for name, model in (("raster", raster), ("checkerboard", board))
-    }  # fmt: skip
-    result = {
+    timings = interleaved({name: draw(model) for name, model in models.items()}, args.rounds)
+    first = {k: v[:1] for k, v in kwargs.items()}
+    result: dict[str, Any] = {
         "cpu": _cpu(),
         "threads": 1,
         "torch": torch.__version__,
         "images": args.images,
         "rounds": args.rounds,
         "nll_unit": unit,
-        "raster": {"nll": raster_nll, "seconds": timings["raster"], "steps": steps["raster"]},
-        "checkerboard": {
-            "nll": board_nll,
-            "seconds": timings["checkerboard"],
-            "steps": steps["checkerboard"],
-        },
-        "nll_increase": board_nll / raster_nll - 1,
-        "bits_by_colour": None,
-        "speedup": ratio,
     }
+    split = None
     if args.data_dir:
         x, labels = _test_data(args, runs[1])
-        result["bits_by_colour"] = {
-            "raster": _by_colour(raster, x, labels),
-            "checkerboard": _by_colour(board, x, labels),
+        split = {name: _by_colour(model, x, labels) for name, model in models.items()}
+    for name, model in models.items():
+        result[name] = {
+            "nll": nll[name],
+            "seconds": timings[name],
+            "steps": len(IncrementalEvaluator(model, 1, size, **first).schedule),
+            "bits_by_colour": None if split is None else split[name],
         }
+        if name != "raster":
+            result[name]["nll_increase"] = nll[name] / nll["raster"] - 1
+            result[name]["speedup"] = spread(timings.ratios("raster", name))
     print(json.dumps(result, indent=1))
-    print(
-        f"{_cpu()}, 1 thread: checkerboard NLL {board_nll:.4f} vs raster {raster_nll:.4f} {unit} "
-        f"({100 * result['nll_increase']:+.1f}%); sampling {args.images} images: "
-        f"{timings['checkerboard']:.3f} s vs {timings['raster']:.3f} s, "
-        f"{ratio['value']:.1f}x faster (quartiles {ratio['q1']:.1f}-{ratio['q3']:.1f}, "
-        f"{ratio['n']} paired rounds); steps {steps['checkerboard']} vs {steps['raster']}"
-    )
+    for name in list(models)[1:]:
+        ratio, entry = result[name]["speedup"], result[name]
+        print(
+            f"{_cpu()}, 1 thread: {name} NLL {nll[name]:.4f} vs raster {nll['raster']:.4f} "
+            f"{unit} ({100 * entry['nll_increase']:+.1f}%); sampling {args.images} images: "
+            f"{timings[name]:.3f} s vs {timings['raster']:.3f} s, {ratio['value']:.1f}x faster "
+            f"(quartiles {ratio['q1']:.1f}-{ratio['q3']:.1f}, {ratio['n']} paired rounds); "
+            f"steps {entry['steps']} vs {result['raster']['steps']}"
+        )
 
 
 if __name__ == "__main__":

@@ -71,3 +71,42 @@ def test_device_flag_is_taken_out_of_the_pytest_arguments() -> None:
 def test_device_cuda_without_a_gpu_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert report.main(["--device", "cuda", "-k", "conv"]) == 2
     assert "--device cuda: this torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_checkerboard_cost_compares_a_raster_run_with_board_runs(tmp_path, monkeypatch, capsys):
+    # Three tiny "runs" as the MNIST examples leave them (a saved model, metrics.json):
+    # the script times each against raster and prints one line per board order.
+    import json
+
+    import checkerboard_cost
+
+    from maskedconv import PixelCNN
+
+    runs = []
+    for order, nll in (("raster", 0.5), ("checkerboard", 0.75), ("group-checkerboard", 0.6)):
+        torch.manual_seed(0)
+        model = PixelCNN(3, 4, hidden_channels=6, num_layers=2, kernel_size=3, order=order)
+        run = tmp_path / order
+        model.save_pretrained(run / "model")
+        (run / "metrics.json").write_text(json.dumps({"test": [{"bits_per_dim": nll}]}))
+        runs.append(str(run))
+    argv = ["checkerboard_cost.py", "--mnist", *runs, "--rounds", "2", "--images", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    threads = torch.get_num_threads()
+    try:
+        checkerboard_cost.main()
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    result = json.loads(out[: out.rindex("}") + 1])
+    assert result["raster"]["steps"] == 28 + 2 * 27  # the 3x3 model's wavefront
+    assert result["checkerboard"]["steps"] == 2 and result["group-checkerboard"]["steps"] == 6
+    assert result["checkerboard"]["nll_increase"] == pytest.approx(0.5)
+    assert result["group-checkerboard"]["nll_increase"] == pytest.approx(0.2)
+    assert "checkerboard NLL 0.7500 vs raster 0.5000 bits per dim (+50.0%)" in out
+    assert "group-checkerboard NLL 0.6000 vs raster 0.5000 bits per dim (+20.0%)" in out
+    # The first run must be raster.
+    monkeypatch.setattr(sys, "argv", ["checkerboard_cost.py", "--mnist", runs[1], runs[0]])
+    with pytest.raises(SystemExit):
+        checkerboard_cost.main()
+    assert "the first run must be raster" in capsys.readouterr().err
