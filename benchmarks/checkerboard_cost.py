@@ -91,7 +91,7 @@ def _by_colour(model: Any, x: torch.Tensor, labels: torch.Tensor | None) -> dict
 
 
 def _test_data(args: argparse.Namespace, run: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from mnist_common import load_mnist
+    from mnist_data import load_mnist
 
     mnist = load_mnist(Path(args.data_dir), download=False)
     labels = torch.from_numpy(mnist["test_labels"].copy()).long()
@@ -99,7 +99,7 @@ def _test_data(args: argparse.Namespace, run: Path) -> tuple[torch.Tensor, torch
         codes = torch.load(run / "codes.pt", weights_only=True)["test"][0]
         return codes[:, None].long(), labels[: len(codes)]
     if _mnist(run)[0].in_channels == 3:  # the colour example's test set
-        from mnist_common import colorize
+        from mnist_data import colorize
 
         coloured = colorize(mnist["test"], seed=1).transpose(0, 3, 1, 2)
         return torch.from_numpy(coloured.copy()).long(), None

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from mnist_common import load_mnist
+from mnist_data import load_mnist
 
 from maskedconv import PixelCNN, codec
 

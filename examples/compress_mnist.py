@@ -30,11 +30,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mnist_common import DataError, atomic_write_bytes, binarize, load_mnist
+from files import DataError, atomic_write_bytes
+from mnist_data import binarize, load_mnist
 
 from maskedconv import GatedPixelCNN, PixelCNN, codec
 
-MODELS = {"PixelCNN": PixelCNN, "GatedPixelCNN": GatedPixelCNN}
+MODELS: dict[str, type[PixelCNN] | type[GatedPixelCNN]] = {
+    "PixelCNN": PixelCNN,
+    "GatedPixelCNN": GatedPixelCNN,
+}
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -94,8 +98,10 @@ def train(train_images: torch.Tensor, steps: int, seed: int) -> PixelCNN:
 
 
 @torch.no_grad()
-def nll_bits(model: torch.nn.Module, images: torch.Tensor) -> float:
-    total = sum(-float(model.log_prob(b.long()).double().sum()) for b in images.split(500))
+def nll_bits(model: PixelCNN | GatedPixelCNN, images: torch.Tensor) -> float:
+    total = 0.0
+    for part in images.split(500):
+        total -= float(model.log_prob(part.long()).double().sum())
     return total / math.log(2)
 
 

@@ -2,7 +2,7 @@
 
 The coloured data is made from MNIST by a seeded, deterministic generator: each digit
 gets one colour, on a background of randomly coloured 7x7 patches (see
-``mnist_common.colorize``). It follows the spirit of the Berkeley course's
+``mnist_data.colorize``). It follows the spirit of the Berkeley course's
 ``mnist_colored.pkl`` but is not that file; pass ``--pickle mnist_colored.pkl`` to
 train on the course's file instead. Defaults reproduce the design blog: 8 layers, 120
 filters, 7x7 kernels, 4 levels, batch 128, Adam lr 1e-3, clipping at 1, 10 epochs.

@@ -1,7 +1,8 @@
-"""Shared code of the MNIST examples: data, training loop, checkpoints, plots, torchrun.
+"""The MNIST examples' experiments, flags, torchrun set-up and training loop.
 
-Used by ``mnist_binary.py`` and ``mnist_color.py``; it uses only maskedconv's public
-API. Run either script with ``--help`` for its flags.
+Used by ``mnist_binary.py``, ``mnist_color.py`` and ``mnist_gray.py``; the data is in
+``mnist_data.py``, checkpoints and safe writes in ``files.py``, figures in ``plots.py``.
+It uses only maskedconv's public API. Run any of the scripts with ``--help`` for its flags.
 """
 
 from __future__ import annotations
@@ -10,20 +11,12 @@ import argparse
 import contextlib
 import csv
 import ctypes
-import gzip
-import hashlib
 import io
 import json
 import math
 import os
-import pickle
-import signal
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,235 +24,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from files import (
+    DataError,
+    StopFlag,
+    atomic_write_bytes,
+    load_checkpoint,
+    prepare_out_dir,
+    save_checkpoint,
+)
+from mnist_data import binarize, colorize, load_mnist, load_pickle
+from plots import save_grid, save_nll_plot
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
 from maskedconv import GatedPixelCNN, PixelCNN, set_conv_autotune
-
-# --------------------------------------------------------------------------- data
-
-MNIST_FILES = {
-    # file name: SHA-256 of the decompressed IDX bytes
-    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-}
-MNIST_MIRRORS = (
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",
-    "https://storage.googleapis.com/cvdf-datasets/mnist/",
-    "http://yann.lecun.com/exdb/mnist/",
-)
-
-
-class DataError(Exception):
-    """Data that is missing, corrupt or refused; the message says what to do."""
-
-
-def parse_idx(raw: bytes) -> np.ndarray:
-    """Parse IDX bytes: big-endian magic ``0x000008NN`` (NN = rank), dims, uint8 data."""
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError("not an IDX file of unsigned bytes (bad magic number)")
-    rank = raw[3]
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(rank))
-    offset = 4 + 4 * rank
-    size = math.prod(dims)
-    if len(raw) - offset != size:
-        raise DataError(f"IDX header says {dims} ({size} bytes) but {len(raw) - offset} follow")
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
-
-
-_LARGEST_IDX = 47_040_016  # train-images-idx3-ubyte, the largest MNIST file
-
-
-def _inflate(path: Path) -> bytes:
-    """The gzip file's contents, refusing more than the largest MNIST file: a small file
-    that inflates to gigabytes (a gzip bomb) is stopped there, before the checksum."""
-    try:
-        with gzip.open(path, "rb") as f:
-            raw = f.read(_LARGEST_IDX + 1)
-    except (OSError, EOFError, zlib.error) as err:
-        raise DataError(f"{path} is not a valid gzip file ({err}); delete it") from None
-    if len(raw) > _LARGEST_IDX:
-        raise DataError(
-            f"{path} inflates to more than the largest MNIST file ({_LARGEST_IDX:,} bytes): "
-            f"not MNIST; delete it"
-        )
-    return raw
-
-
-def _read_verified(data_dir: Path, name: str, expected_sha: str | None) -> np.ndarray | None:
-    """The IDX array of ``name`` (``.gz`` or raw) in ``data_dir``, or None if absent."""
-    for path in (data_dir / f"{name}.gz", data_dir / name):
-        if not path.exists():
-            continue
-        if path.suffix == ".gz":
-            raw = _inflate(path)
-        else:
-            if path.stat().st_size > _LARGEST_IDX:
-                raise DataError(f"{path} is larger than any MNIST file; delete it")
-            raw = path.read_bytes()
-        if expected_sha is not None:
-            digest = hashlib.sha256(raw).hexdigest()
-            if digest != expected_sha:
-                raise DataError(
-                    f"{path}: SHA-256 of the decompressed bytes is {digest}, expected "
-                    f"{expected_sha}; the file is corrupt or not MNIST: delete it"
-                )
-        return parse_idx(raw)
-    return None
-
-
-def _download(name: str, data_dir: Path) -> None:
-    errors = []
-    for mirror in MNIST_MIRRORS:
-        url = f"{mirror}{name}.gz"
-        try:
-            with urllib.request.urlopen(url, timeout=20) as response:
-                total = int(response.headers.get("Content-Length") or 0)
-                buffer = io.BytesIO()
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"{name}.gz") as bar:
-                    while chunk := response.read(1 << 16):
-                        buffer.write(chunk)
-                        bar.update(len(chunk))
-            atomic_write_bytes(data_dir / f"{name}.gz", buffer.getvalue())
-            return
-        except (urllib.error.URLError, OSError, TimeoutError) as err:
-            errors.append(f"{url}: {err}")
-    raise DataError("; ".join(errors))
-
-
-def load_mnist(data_dir: Path, download: bool = True, verify: bool = True) -> dict[str, np.ndarray]:
-    """MNIST as uint8 arrays ``train``/``test`` ``(N, 28, 28)`` and labels.
-
-    Files are read from ``data_dir`` (gzip or raw IDX under the original names) and
-    checked against the SHA-256 of their decompressed bytes; missing ones are
-    downloaded there when ``download`` is True.
-
-    Raises:
-        DataError: one line saying what is wrong and where to put the files.
-    """
-    out = {}
-    keys = {
-        "train-images-idx3-ubyte": "train",
-        "train-labels-idx1-ubyte": "train_labels",
-        "t10k-images-idx3-ubyte": "test",
-        "t10k-labels-idx1-ubyte": "test_labels",
-    }
-    for name, sha in MNIST_FILES.items():
-        array = _read_verified(data_dir, name, sha if verify else None)
-        if array is None:
-            fail = (
-                f"MNIST file {name}.gz is not in {data_dir}. Put the four MNIST files "
-                f"({', '.join(f + '.gz' for f in MNIST_FILES)}) there"
-            )
-            if not download:
-                raise DataError(fail)
-            try:
-                data_dir.mkdir(parents=True, exist_ok=True)
-                _download(name, data_dir)
-            except DataError as err:
-                raise DataError(
-                    f"{fail}, or connect to the internet (download failed: {err})"
-                ) from None
-            array = _read_verified(data_dir, name, sha if verify else None)
-            assert array is not None
-        out[keys[name]] = array
-    return out
-
-
-def binarize(images: np.ndarray) -> np.ndarray:
-    """Pixels > 127.5 become 1, the rest 0, as in the design blog and the course."""
-    return (images > 127.5).astype(np.uint8)
-
-
-def colorize(images: np.ndarray, seed: int, texture: int = 7) -> np.ndarray:
-    """Coloured MNIST: single-colour digits on textured multi-colour backgrounds.
-
-    A deterministic function of ``(images, seed)``, with 2-bit colour (levels 0..3 per
-    RGB channel). Each image gets a background of ``texture``-pixel square patches, each
-    a random colour from one half of the palette, dark (every channel 0 or 1) or light
-    (every channel 2 or 3), and a digit (pixels > 127.5) of one random colour with at
-    least one channel at the far end (3 on dark, 0 on light), so that the digit always
-    differs from every background patch by 2 or more levels in some channel. In the
-    spirit of the Berkeley course's ``mnist_colored.pkl``, but not that file.
-
-    Args:
-        images: ``(N, H, W)`` uint8 grayscale digits.
-        seed: the colour draw's seed.
-        texture: side of the background's colour patches, in pixels.
-
-    Returns:
-        ``(N, H, W, 3)`` uint8 with values in ``[0, 4)``.
-    """
-    rng = np.random.default_rng(seed)
-    n, h, w = images.shape
-    light = rng.random(n) < 0.5  # (N,)
-    ph, pw = -(-h // texture), -(-w // texture)
-    patches = rng.integers(0, 2, size=(n, ph, pw, 3)) + 2 * light[:, None, None, None]
-    background = patches.repeat(texture, axis=1).repeat(texture, axis=2)[:, :h, :w]
-    digit = rng.integers(0, 4, size=(n, 3))
-    far_channel = rng.integers(0, 3, size=n)
-    digit[np.arange(n), far_channel] = np.where(light, 0, 3)
-    mask = (images > 127.5)[..., None]
-    return np.where(mask, digit[:, None, None, :], background).astype(np.uint8)
-
-
-class _ArraysOnly(pickle.Unpickler):
-    """Admits numpy arrays and plain containers; refuses every other class."""
-
-    ALLOWED = frozenset(
-        {
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy.core.multiarray", "scalar"),
-            ("numpy._core.multiarray", "scalar"),
-        }
-    )
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"refusing to load {module}.{name}: this reader admits only numpy arrays and "
-            f"plain containers (a pickle can run code)"
-        )
-
-
-def load_pickle(path: Path) -> dict[str, np.ndarray]:
-    """Read the course's ``mnist.pkl`` / ``mnist_colored.pkl``.
-
-    Returns ``train`` and ``test``, each an ``(N, H, W, C)`` uint8 array.
-    """
-    try:
-        with open(path, "rb") as f:
-            data = _ArraysOnly(f).load()
-    except FileNotFoundError:
-        raise DataError(f"--pickle {path} does not exist") from None
-    except IsADirectoryError:
-        raise DataError(f"--pickle {path} is a directory, not a pickle file") from None
-    except pickle.UnpicklingError as err:
-        raise DataError(f"{path}: {err}") from None
-    except EOFError:
-        raise DataError(f"{path} is empty or truncated: not a whole pickle") from None
-    except MemoryError:
-        raise DataError(f"{path} declares an array larger than this machine's memory") from None
-    except Exception as err:  # a damaged pickle: ValueError, TypeError, ... from numpy
-        raise DataError(f"{path} is not a readable pickle ({type(err).__name__}: {err})") from None
-    if not isinstance(data, dict) or not {"train", "test"} <= set(data):
-        raise DataError(f"{path}: expected a dict with 'train' and 'test' arrays")
-    for key in ("train", "test"):
-        array = data[key]
-        if not isinstance(array, np.ndarray) or array.ndim != 4 or array.dtype != np.uint8:
-            raise DataError(
-                f"{path}: '{key}' must be a uint8 array (N, H, W, C), got {type(array)}"
-            )
-    return {"train": data["train"], "test": data["test"]}
-
 
 # ------------------------------------------------------------------- experiments
 
@@ -279,7 +59,10 @@ class Experiment:
 BINARY = Experiment("binary", channels=1, levels=2, hidden_channels=64, num_layers=5)
 COLOR = Experiment("color", channels=3, levels=4, hidden_channels=120, num_layers=8)
 GRAY = Experiment("gray", channels=1, levels=256, hidden_channels=64, num_layers=8, model="gated")
-MODELS = {"pixelcnn": PixelCNN, "gated": GatedPixelCNN}
+MODELS: dict[str, type[PixelCNN] | type[GatedPixelCNN]] = {
+    "pixelcnn": PixelCNN,
+    "gated": GatedPixelCNN,
+}
 Model = PixelCNN | GatedPixelCNN
 
 
@@ -564,125 +347,6 @@ def keep_freed_memory() -> bool:
     return all(mallopt(param, value) == 1 for param, value in settings)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a plain file is not
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def prepare_out_dir(out: Path) -> None:
-    """Check that ``out`` can be written before any work, and clear stale temporaries.
-
-    A save killed between writing and renaming leaves a ``.NAME.*.tmp`` file (a whole
-    checkpoint's size); the run that finds them is the only writer, so they go.
-    """
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise DataError(f"--out-dir {out} cannot be written: {err.strerror or err}") from None
-    for stale in out.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
-def payload_digest(value: Any) -> str:
-    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes and every
-    plain value, keys in sorted order. ``torch.load`` does not check the zip's CRCs, so a
-    flipped byte in a tensor would otherwise load without a word."""
-    sha = hashlib.sha256()
-
-    def feed(v: Any) -> None:
-        if isinstance(v, Tensor):
-            t = v.detach().cpu().contiguous().reshape(-1)
-            sha.update(f"T{t.dtype}{tuple(v.shape)}".encode())
-            sha.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(v, dict):
-            sha.update(f"D{len(v)}".encode())
-            for key in sorted(v, key=repr):
-                feed(key)
-                feed(v[key])
-        elif isinstance(v, list | tuple):
-            sha.update(f"L{len(v)}".encode())
-            for item in v:
-                feed(item)
-        else:
-            sha.update(f"V{type(v).__name__}:{v!r}".encode())
-
-    feed(value)
-    return sha.hexdigest()
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` atomically, with the digest of its contents under ``"digest"``."""
-    buffer = io.BytesIO()
-    torch.save({**state, "digest": payload_digest(state)}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_checkpoint(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A checkpoint of :func:`save_checkpoint`, verified; one-line ``DataError`` otherwise.
-
-    Plain tensors, numbers and strings only (``weights_only``): loading never runs code
-    from the file. The contents must match the digest saved with them (checkpoints of
-    0.1 have none and load as they are), and hold the ``required`` keys.
-    """
-    if not path.exists():
-        raise DataError(f"--resume: no checkpoint at {path}; run without --resume first")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # EOFError, UnpicklingError, RuntimeError (zip), ...
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(
-            f"{path} is not a readable checkpoint ({type(err).__name__}: {reason[:200]}); it is "
-            f"truncated or corrupt: delete it (and run without --resume), or choose another "
-            f"--out-dir"
-        ) from None
-    if not isinstance(state, dict):
-        raise DataError(
-            f"{path} is not a checkpoint of this example (it holds a {type(state).__name__})"
-        )
-    digest = state.pop("digest", None)
-    if digest is not None and digest != payload_digest(state):
-        raise DataError(
-            f"{path} is corrupt: its contents do not match the SHA-256 saved with them; delete "
-            f"it (and run without --resume), or choose another --out-dir"
-        )
-    missing = [key for key in required if key not in state]
-    if missing:
-        raise DataError(
-            f"{path} is not a checkpoint of this example (it lacks {', '.join(map(repr, missing))})"
-        )
-    return state
-
-
 def run_identity(
     exp: Experiment, args: argparse.Namespace, model_config: dict[str, Any], world: int
 ) -> dict[str, Any]:
@@ -719,99 +383,6 @@ def check_identity(saved: dict[str, Any], current: dict[str, Any], path: Path) -
         f"checkpoint {path} is from another configuration: {', '.join(diffs) or saved}; "
         f"pass the same flags, or choose another --out-dir"
     )
-
-
-# ------------------------------------------------------------------ signals
-
-
-class StopFlag:
-    """First Ctrl-C / SIGTERM: finish the step, checkpoint, exit. Second Ctrl-C: exit now."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        signals = (signal.SIGINT, signal.SIGTERM)
-        self._previous = {s: signal.signal(s, self._handle) for s in signals}
-
-    def close(self) -> None:
-        """Give the signals back to whoever had them."""
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.requested = signal.Signals(signum).name
-        # A second Ctrl-C raises KeyboardInterrupt at once; checkpoints are atomic, so
-        # that can never leave a half-written file.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print(
-            f"\n{self.requested}: stopping after this step (Ctrl-C again to quit now)",
-            file=sys.stderr,
-        )
-
-
-# ------------------------------------------------------------------- plots
-
-
-def save_nll_plot(
-    path: Path, train: list[tuple[int, float]], test: list[dict[str, float]], steps_per_epoch: int
-) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if train:
-        steps, values = zip(*train, strict=True)
-        ax.plot(np.array(steps) / steps_per_epoch, values, lw=0.6, alpha=0.7, label="train")
-    if test:
-        ax.plot(
-            [t["step"] / steps_per_epoch for t in test],
-            [t["nats_per_dim"] for t in test],
-            "o-",
-            label="test",
-        )
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("NLL (nats/dim)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    _save_png(fig, path)
-
-
-def image_grid(images: Tensor, levels: int, rows: int) -> np.ndarray:
-    """``(N, C, H, W)`` levels -> one ``(rows*H', cols*W', 3)`` float RGB array."""
-    n, c, h, w = images.shape
-    cols = -(-n // rows)
-    pad = 1
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 0.5)
-    pics = images.float().cpu().numpy() / (levels - 1)  # (N, C, H, W) in [0, 1]
-    for i in range(n):
-        r, col = divmod(i, cols)
-        pic = pics[i].transpose(1, 2, 0)
-        if c == 1:
-            pic = pic.repeat(3, axis=2)
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
-        grid[y : y + h, x : x + w] = pic
-    return grid
-
-
-def save_grid(path: Path, images: Tensor, levels: int, rows: int, title: str) -> None:
-    import matplotlib.pyplot as plt
-
-    grid = image_grid(images, levels, rows)
-    fig, ax = plt.subplots(figsize=(8, 8 * grid.shape[0] / grid.shape[1] + 0.4))
-    ax.imshow(grid, interpolation="nearest")
-    ax.set_title(title)
-    ax.axis("off")
-    fig.tight_layout()
-    _save_png(fig, path)
-
-
-def _save_png(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 # ------------------------------------------------------------------- training
@@ -857,7 +428,7 @@ def autocast(device: torch.device, enabled: bool) -> Any:
     )
 
 
-def batches(sampler: DistributedSampler, batch_size: int, skip: int) -> list[list[int]]:
+def batches(sampler: DistributedSampler[Any], batch_size: int, skip: int) -> list[list[int]]:
     indices = list(sampler)
     out = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     return out[skip:]
@@ -909,7 +480,8 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
     test_labels = images.test_labels if args.conditional else None
     model: Model = MODELS[args.model](exp.channels, exp.levels, **model_options(args)).to(device)
     if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format; torch's overloads do not say so.
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     identity = run_identity(exp, args, model.config.to_dict(), d.world)
     state: dict[str, Any] = {
@@ -940,7 +512,7 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
     if args.compile:
         model.forward_features = torch.compile(model.forward_features)  # type: ignore[method-assign]
 
-    sampler = DistributedSampler(
+    sampler: DistributedSampler[Any] = DistributedSampler(
         TensorDataset(train),
         num_replicas=d.world,
         rank=d.rank,

@@ -41,20 +41,17 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mnist_common import (
+from files import (
     DataError,
-    HelpFormatter,
     StopFlag,
-    _save_png,
     atomic_write_bytes,
-    keep_freed_memory,
     load_checkpoint,
-    load_mnist,
-    pick_device,
     prepare_out_dir,
     save_checkpoint,
-    save_grid,
 )
+from mnist_common import HelpFormatter, keep_freed_memory, pick_device
+from mnist_data import load_mnist
+from plots import save_grid, save_png
 
 from maskedconv import GatedPixelCNN, PixelCNN
 
@@ -90,7 +87,8 @@ class _Residual(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.body(x)
+        out: Tensor = x + self.body(x)
+        return out
 
 
 def _down(c_in: int, c_out: int) -> nn.Conv2d:
@@ -119,7 +117,7 @@ class VQVAE(nn.Module):
         h, d = config.hidden_channels, config.code_dim
 
         def quantizer() -> nn.Module:
-            return VectorQuantize(
+            layer: nn.Module = VectorQuantize(
                 dim=d,
                 codebook_size=config.codebook_size,
                 decay=config.decay,
@@ -128,6 +126,7 @@ class VQVAE(nn.Module):
                 threshold_ema_dead_code=config.dead_code_threshold,
                 accept_image_fmap=True,
             )
+            return layer
 
         self.enc_bottom = nn.Sequential(
             _down(1, h), nn.ReLU(), nn.Conv2d(h, h, 3, padding=1), _Residual(h)
@@ -859,7 +858,7 @@ def save_curves(path: Path, metrics: dict[str, Any]) -> None:
     right.set(xlabel="step", ylabel="bits per code", title="stage 2: prior NLL (dashed: test)")
     right.legend()
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ pytest.importorskip("PIL", reason="the examples extra is not installed")
 
 import compress_mnist as cm  # noqa: E402
 import mnist_common as mc  # noqa: E402
+import mnist_data as md  # noqa: E402
 
 REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-HAVE_REAL = all((REAL_MNIST / f"{name}.gz").exists() for name in mc.MNIST_FILES)
+HAVE_REAL = all((REAL_MNIST / f"{name}.gz").exists() for name in md.MNIST_FILES)
 needs_mnist = pytest.mark.skipif(not HAVE_REAL, reason=f"real MNIST is not in {REAL_MNIST}")
 DATA = ["--data-dir", str(REAL_MNIST), "--no-download"]
 

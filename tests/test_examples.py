@@ -26,9 +26,10 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import mnist_common as mc  # noqa: E402
+import mnist_data as md  # noqa: E402
 
 REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-HAVE_REAL = all((REAL_MNIST / f"{name}.gz").exists() for name in mc.MNIST_FILES)
+HAVE_REAL = all((REAL_MNIST / f"{name}.gz").exists() for name in md.MNIST_FILES)
 TINY = [
     "--hidden-channels",
     "8",
@@ -82,19 +83,19 @@ def data_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 def test_parse_idx_gzip_and_raw(tmp_path: Path) -> None:
     images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-    assert np.array_equal(mc.parse_idx(idx_bytes(images)), images)
+    assert np.array_equal(md.parse_idx(idx_bytes(images)), images)
     (tmp_path / "train-images-idx3-ubyte").write_bytes(idx_bytes(images))
-    assert np.array_equal(mc._read_verified(tmp_path, "train-images-idx3-ubyte", None), images)
+    assert np.array_equal(md._read_verified(tmp_path, "train-images-idx3-ubyte", None), images)
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images)))
     sha = hashlib.sha256(idx_bytes(images)).hexdigest()
-    assert np.array_equal(mc._read_verified(tmp_path, "t10k-images-idx3-ubyte", sha), images)
+    assert np.array_equal(md._read_verified(tmp_path, "t10k-images-idx3-ubyte", sha), images)
 
 
 def test_parse_idx_rejects_bad_files() -> None:
     with pytest.raises(mc.DataError, match="bad magic number"):
-        mc.parse_idx(b"\x00\x00\x0d\x03" + bytes(12))
+        md.parse_idx(b"\x00\x00\x0d\x03" + bytes(12))
     with pytest.raises(mc.DataError, match=r"IDX header says \(2, 2\) \(4 bytes\) but 3 follow"):
-        mc.parse_idx(bytes([0, 0, 8, 2]) + (2).to_bytes(4, "big") * 2 + bytes(3))
+        md.parse_idx(bytes([0, 0, 8, 2]) + (2).to_bytes(4, "big") * 2 + bytes(3))
 
 
 def test_checksum_mismatch_is_refused(tmp_path: Path) -> None:
@@ -102,7 +103,7 @@ def test_checksum_mismatch_is_refused(tmp_path: Path) -> None:
     with pytest.raises(
         mc.DataError, match=r"SHA-256 of the decompressed bytes is .* expected ba891046"
     ):
-        mc.load_mnist(tmp_path, download=False)
+        md.load_mnist(tmp_path, download=False)
 
 
 def test_missing_files_without_network_fail_with_one_clear_line(
@@ -111,9 +112,9 @@ def test_missing_files_without_network_fail_with_one_clear_line(
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(mc.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(md.urllib.request, "urlopen", offline)
     with pytest.raises(mc.DataError) as info:
-        mc.load_mnist(tmp_path / "nowhere")
+        md.load_mnist(tmp_path / "nowhere")
     message = str(info.value)
     assert "\n" not in message
     assert f"is not in {tmp_path / 'nowhere'}. Put the four MNIST files" in message
@@ -125,9 +126,9 @@ def test_download_writes_verified_files(tmp_path: Path, monkeypatch: pytest.Monk
     write_synthetic_mnist(source)
     hashes = {
         name: hashlib.sha256(gzip.decompress((source / f"{name}.gz").read_bytes())).hexdigest()
-        for name in mc.MNIST_FILES
+        for name in md.MNIST_FILES
     }
-    monkeypatch.setattr(mc, "MNIST_FILES", hashes)
+    monkeypatch.setattr(md, "MNIST_FILES", hashes)
 
     class Response(io.BytesIO):
         headers: ClassVar[dict[str, str]] = {}
@@ -141,8 +142,8 @@ def test_download_writes_verified_files(tmp_path: Path, monkeypatch: pytest.Monk
     def fake_urlopen(url: str, timeout: float):
         return Response((source / url.rsplit("/", 1)[1]).read_bytes())
 
-    monkeypatch.setattr(mc.urllib.request, "urlopen", fake_urlopen)
-    data = mc.load_mnist(tmp_path / "data")
+    monkeypatch.setattr(md.urllib.request, "urlopen", fake_urlopen)
+    data = md.load_mnist(tmp_path / "data")
     assert data["train"].shape == (96, 28, 28) and data["test_labels"].shape == (40,)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(
         f"{n}.gz" for n in hashes
@@ -151,21 +152,21 @@ def test_download_writes_verified_files(tmp_path: Path, monkeypatch: pytest.Monk
 
 @pytest.mark.skipif(not HAVE_REAL, reason="real MNIST not found in ../shared/data/mnist")
 def test_real_mnist_loads_and_verifies() -> None:
-    data = mc.load_mnist(REAL_MNIST, download=False)
+    data = md.load_mnist(REAL_MNIST, download=False)
     assert data["train"].shape == (60000, 28, 28) and data["test"].shape == (10000, 28, 28)
     assert data["train"].dtype == np.uint8
-    ones = mc.binarize(data["test"]).mean()
+    ones = md.binarize(data["test"]).mean()
     assert 0.1 < ones < 0.2  # about 13% of MNIST pixels are > 127.5
 
 
 def test_binarize_threshold() -> None:
-    assert mc.binarize(np.array([0, 127, 128, 255], dtype=np.uint8)).tolist() == [0, 0, 1, 1]
+    assert md.binarize(np.array([0, 127, 128, 255], dtype=np.uint8)).tolist() == [0, 0, 1, 1]
 
 
 def test_colorize_is_deterministic_and_well_formed() -> None:
     rng = np.random.default_rng(1)
     digits = (rng.random((50, 28, 28)) > 0.8).astype(np.uint8) * 255
-    a, b, c = mc.colorize(digits, seed=3), mc.colorize(digits, seed=3), mc.colorize(digits, seed=4)
+    a, b, c = md.colorize(digits, seed=3), md.colorize(digits, seed=3), md.colorize(digits, seed=4)
     assert a.shape == (50, 28, 28, 3) and a.dtype == np.uint8 and a.max() <= 3
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     for image, digit in zip(a, digits, strict=True):
@@ -180,7 +181,7 @@ def test_pickle_reader_admits_arrays_only(tmp_path: Path) -> None:
     good = {"train": np.zeros((4, 28, 28, 1), np.uint8), "test": np.ones((2, 28, 28, 1), np.uint8)}
     path = tmp_path / "mnist.pkl"
     path.write_bytes(pickle.dumps(good))
-    data = mc.load_pickle(path)
+    data = md.load_pickle(path)
     assert np.array_equal(data["test"], good["test"])
 
     class Evil:
@@ -193,13 +194,13 @@ def test_pickle_reader_admits_arrays_only(tmp_path: Path) -> None:
         mc.DataError,
         match=r"refusing to load (posix|nt)\.system: this reader admits only numpy arrays",
     ):
-        mc.load_pickle(evil)
+        md.load_pickle(evil)
     wrong = tmp_path / "wrong.pkl"
     wrong.write_bytes(
         pickle.dumps({"train": np.zeros((4, 28, 28), np.uint8), "test": good["test"]})
     )
     with pytest.raises(mc.DataError, match="'train' must be a uint8 array"):
-        mc.load_pickle(wrong)
+        md.load_pickle(wrong)
 
 
 # ------------------------------------------------------------------ training
@@ -591,7 +592,7 @@ def test_damaged_gzip_and_pickles_are_one_line_errors(tmp_path: Path) -> None:
         bad[at] ^= 0xFF
         (tmp_path / f"{name}.gz").write_bytes(bytes(bad))
         try:
-            read = mc._read_verified(tmp_path, name, hashlib.sha256(idx_bytes(array)).hexdigest())
+            read = md._read_verified(tmp_path, name, hashlib.sha256(idx_bytes(array)).hexdigest())
         except mc.DataError:
             refused += 1
             continue
@@ -600,7 +601,7 @@ def test_damaged_gzip_and_pickles_are_one_line_errors(tmp_path: Path) -> None:
     empty = tmp_path / "empty.pkl"
     empty.write_bytes(b"")
     with pytest.raises(mc.DataError, match="is empty or truncated"):
-        mc.load_pickle(empty)
+        md.load_pickle(empty)
     # A pickle declaring a 1 TiB array: shape (2**40, 1, 1, 1), one byte of data.
     arrays = {"train": np.zeros((1, 1, 1, 1), np.uint8), "test": np.zeros((1, 1, 1, 1), np.uint8)}
     raw = pickle.dumps(arrays, protocol=3)
@@ -611,7 +612,7 @@ def test_damaged_gzip_and_pickles_are_one_line_errors(tmp_path: Path) -> None:
     assert shape in raw
     (tmp_path / "huge.pkl").write_bytes(raw.replace(shape, huge_shape, 1))
     with pytest.raises(mc.DataError, match="is not a readable pickle"):
-        mc.load_pickle(tmp_path / "huge.pkl")
+        md.load_pickle(tmp_path / "huge.pkl")
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
@@ -687,10 +688,10 @@ def test_a_gzip_bomb_is_stopped_before_it_inflates(tmp_path: Path) -> None:
 
     with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
         chunk = b"\0" * (1 << 20)
-        for _ in range(mc._LARGEST_IDX // len(chunk) + 2):
+        for _ in range(md._LARGEST_IDX // len(chunk) + 2):
             f.write(chunk)
     with pytest.raises(mc.DataError, match="inflates to more than the largest MNIST file"):
-        mc._read_verified(tmp_path, "train-images-idx3-ubyte", None)
+        md._read_verified(tmp_path, "train-images-idx3-ubyte", None)
 
 
 def test_threads_flag_sets_and_restores(tmp_path: Path, data_args: list[str]) -> None:

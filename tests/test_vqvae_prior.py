@@ -20,10 +20,11 @@ sys.path.insert(0, str(EXAMPLES))
 pytest.importorskip("vector_quantize_pytorch", reason="the examples extra is not installed")
 
 import mnist_common as mc  # noqa: E402
+import mnist_data as md  # noqa: E402
 import vqvae_prior as vp  # noqa: E402
 
 REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-HAVE_REAL = all((REAL_MNIST / f"{name}.gz").exists() for name in mc.MNIST_FILES)
+HAVE_REAL = all((REAL_MNIST / f"{name}.gz").exists() for name in md.MNIST_FILES)
 needs_mnist = pytest.mark.skipif(not HAVE_REAL, reason=f"real MNIST is not in {REAL_MNIST}")
 TINY = [
     "--data-dir",
@@ -242,7 +243,7 @@ def test_two_levels_sample_top_then_bottom_given_top(tmp_path: Path) -> None:
     # The bottom prior's test NLL, recomputed here: each bottom map given its own top map.
     codes = mc.load_checkpoint(tmp_path / "codes.pt")
     tops, bottoms = (c[:500].long() for c in codes["test"])
-    labels = torch.from_numpy(mc.load_mnist(REAL_MNIST, download=False)["test_labels"][:500].copy())
+    labels = torch.from_numpy(md.load_mnist(REAL_MNIST, download=False)["test_labels"][:500].copy())
     with torch.no_grad():
         lp = bottom.log_prob(
             bottoms[:, None], labels=labels.long(), cond=vqvae.code_vectors(0, tops)
