@@ -460,220 +460,258 @@ def run(exp: Experiment, description: str, argv: list[str] | None = None) -> int
 def _train(exp: Experiment, args: argparse.Namespace) -> int:
     d, device = setup_distributed(args.device)
     keep_freed_memory()  # the benchmark's allocator settings: the same speed here
-    out = Path(args.out_dir)
-    ckpt_path = out / "checkpoint.pt"
-    torch.manual_seed(args.seed)
-
-    if d.main:
-        prepare_out_dir(out)
-    if ckpt_path.exists() and not args.resume:  # nothing is overwritten without a word
-        raise DataError(
-            f"--out-dir {out} holds a checkpoint of an earlier run: continue it with --resume, "
-            f"or choose another --out-dir (or delete {ckpt_path})"
-        )
-    images = load_images(exp, args)
-    train, test = images.train, images.test
-    # Labels ride along with the images always; the model sees them with --conditional.
-    train_labels = images.train_labels
-    if train_labels is None:
-        train_labels = torch.zeros(len(train), dtype=torch.long)
-    test_labels = images.test_labels if args.conditional else None
-    model: Model = MODELS[args.model](exp.channels, exp.levels, **model_options(args)).to(device)
-    if args.channels_last:
-        # Module.to takes memory_format; torch's overloads do not say so.
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    identity = run_identity(exp, args, model.config.to_dict(), d.world)
-    state: dict[str, Any] = {
-        "epoch": 0,
-        "step": 0,
-        "batch_in_epoch": 0,
-        "train_curve": [],
-        "test_curve": [],
-    }
-    if args.resume:
-        saved = load_checkpoint(ckpt_path, ("identity", "model", "optimizer", "rng_cpu", *state))
-        check_identity(saved["identity"], identity, ckpt_path)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])  # moves its tensors to the model's device
-        old_lr = optimizer.param_groups[0]["lr"]
-        if old_lr != args.lr:  # --lr on resume: applied, and said
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr
-            if d.main:
-                print(f"--resume: learning rate changed from {old_lr:g} to {args.lr:g}")
-        torch.set_rng_state(saved["rng_cpu"])
-        state = {key: saved[key] for key in state}
-    net: nn.Module = model
-    if d.enabled:
-        net = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if args.compile:
-        model.forward_features = torch.compile(model.forward_features)  # type: ignore[method-assign]
-
-    sampler: DistributedSampler[Any] = DistributedSampler(
-        TensorDataset(train),
-        num_replicas=d.world,
-        rank=d.rank,
-        shuffle=True,
-        seed=args.seed,
-        drop_last=True,
-    )
-    steps_per_epoch = len(sampler) // args.batch_size
-    if steps_per_epoch == 0:
-        raise DataError(
-            f"--batch-size {args.batch_size} is larger than the {len(sampler)} "
-            f"training images per process"
-        )
+    trainer = Trainer(exp, args, d, device)
     stop = StopFlag()
     try:
-        dims = math.prod(train.shape[1:])
-        if d.main:
-            n_params = sum(p.numel() for p in model.parameters())
-            resuming = f"; resuming at step {state['step']}" if args.resume else ""
-            print(
-                f"{exp.name} MNIST: {train.shape[0]} train / {test.shape[0]} test images "
-                f"{tuple(train.shape[1:])}, {n_params} parameters, "
-                f"{d.world} process(es) on {device}{resuming}",
-                flush=True,
-            )
-
-        def log_prob_of(x: Tensor, y: Tensor) -> Tensor:
-            # Through net's forward, so that DDP syncs the gradients.
-            labels = y if args.conditional else None
-            return model.log_prob_from_params(net(x, labels=labels), x)
-
-        def reached_max() -> bool:
-            return args.max_steps is not None and state["step"] >= args.max_steps
-
-        stopping = False  # a signal reached some process; all of them stop together
-        while state["epoch"] < args.epochs and not reached_max() and not stopping:
-            epoch = state["epoch"]
-            sampler.set_epoch(epoch)
-            order = batches(sampler, args.batch_size, state["batch_in_epoch"])
-            order = order[: steps_per_epoch - state["batch_in_epoch"]]
-            loader = DataLoader(
-                TensorDataset(train, train_labels),
-                batch_sampler=order,
-                num_workers=args.num_workers,
-                pin_memory=device.type == "cuda",
-            )
-            model.train()
-            # The bar ends where this epoch's part of the run ends: at the epoch's end,
-            # or at --max-steps.
-            last = steps_per_epoch
-            if args.max_steps is not None:
-                last = min(last, state["batch_in_epoch"] + args.max_steps - state["step"])
-            bar = tqdm(
-                total=last,
-                initial=state["batch_in_epoch"],
-                desc=f"epoch {epoch + 1}/{args.epochs}",
-                disable=not d.main,
-                dynamic_ncols=True,
-            )
-            started, seen = time.perf_counter(), 0
-            for x, y in loader:
-                x = x.to(device, non_blocking=True).long()
-                y = y.to(device, non_blocking=True)
-                try:
-                    with autocast(device, args.amp):
-                        loss = -log_prob_of(x, y).mean() / dims  # nats/dim
-                except ValueError as err:  # e.g. NaN weights: log_prob refuses them
-                    raise DataError(
-                        f"at step {state['step'] + 1}: {err}; stopping (the checkpoint in "
-                        f"{out} is from before it)"
-                    ) from None
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-                optimizer.step()
-                state["step"] += 1
-                state["batch_in_epoch"] += 1
-                seen += x.shape[0] * d.world
-                value = loss.item()
-                if not math.isfinite(value):
-                    # Stop before this step's weights reach a checkpoint: the last
-                    # saved one stays the last good one.
-                    raise DataError(
-                        f"the training loss is {value} at step {state['step']}: stopping "
-                        f"(the checkpoint in {out} is from before it); lower --lr or "
-                        f"--clip, or check the data and the checkpoint"
-                    )
-                state["train_curve"].append([state["step"], value])
-                bar.set_postfix(  # this step's loss, shown with this step's count
-                    nats_per_dim=f"{value:.4f}",
-                    img_s=f"{seen / (time.perf_counter() - started):.0f}",
-                    refresh=False,
-                )
-                bar.update(1)
-                stopping = stop.requested is not None
-                if d.enabled:  # ranks that stop at different steps would hang DDP
-                    flag = torch.tensor([float(stopping)], device=device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    stopping = bool(flag.item())
-                if stopping or reached_max():
-                    break
-            bar.close()
-            if state["batch_in_epoch"] >= steps_per_epoch:
-                state["epoch"] += 1
-                state["batch_in_epoch"] = 0
-            if not stopping:  # after each epoch, and where --max-steps ends a run
-                if d.main:
-                    print(f"evaluating on the {len(test)} test images ...", flush=True)
-                nats, bits = evaluate(
-                    model, test, test_labels, d, device, args.eval_batch_size, args.amp
-                )
-                state["test_curve"].append(
-                    {
-                        "epoch": state["epoch"] + state["batch_in_epoch"] / steps_per_epoch,
-                        "step": state["step"],
-                        "nats_per_dim": nats,
-                        "bits_per_dim": bits,
-                    }
-                )
-                if d.main:
-                    print(
-                        f"step {state['step']}: test NLL {nats:.4f} nats/dim, {bits:.4f} bits/dim"
-                    )
-            if d.main:
-                checkpoint = {
-                    "identity": identity,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "rng_cpu": torch.get_rng_state(),
-                    **state,
-                }
-                save_checkpoint(ckpt_path, checkpoint)
-                write_metrics(out, state, steps_per_epoch)
-            if d.enabled:
-                dist.barrier()
-
-        if d.enabled:
-            sums = param_checksum(model)
-            gathered = [torch.zeros_like(sums) for _ in range(d.world)]
-            dist.all_gather(gathered, sums)
-            if d.main:
-                same = all(torch.equal(g, gathered[0]) for g in gathered)
-                print(f"parameters {'identical' if same else 'DIFFERENT'} across {d.world} ranks")
-        if d.main:
-            if stopping:
-                print(
-                    f"stopped by {stop.requested or 'a signal to another process'} at step "
-                    f"{state['step']}; checkpoint "
-                    f"{ckpt_path}; continue with --resume"
-                )
-            else:
-                write_images(model, test, test_labels, exp, args, device, out)
-                model.save_pretrained(out / "model")  # no pickle: config.json + safetensors
-                print(f"outputs in {out}; the model in {out / 'model'}")
-        if d.enabled:
-            dist.barrier()
+        trainer.announce()
+        stopped = trainer.fit(stop)
+        trainer.finish(stopped, stop)
         return 0
     finally:
         stop.close()
         if d.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class Trainer:
+    """One training run: the model, its optimizer and the run's state, fitted epoch by
+    epoch, evaluated and checkpointed after each (and where --max-steps or a signal
+    ends the run), resumed exactly from its checkpoint."""
+
+    def __init__(
+        self, exp: Experiment, args: argparse.Namespace, d: Dist, device: torch.device
+    ) -> None:
+        self.exp, self.args, self.d, self.device = exp, args, d, device
+        self.out = Path(args.out_dir)
+        self.ckpt_path = self.out / "checkpoint.pt"
+        torch.manual_seed(args.seed)
+        if d.main:
+            prepare_out_dir(self.out)
+        if self.ckpt_path.exists() and not args.resume:  # nothing is overwritten without a word
+            raise DataError(
+                f"--out-dir {self.out} holds a checkpoint of an earlier run: continue it with "
+                f"--resume, or choose another --out-dir (or delete {self.ckpt_path})"
+            )
+        images = load_images(exp, args)
+        self.train, self.test = images.train, images.test
+        # Labels ride along with the images always; the model sees them with --conditional.
+        labels = images.train_labels
+        no_labels = torch.zeros(len(self.train), dtype=torch.long)
+        self.train_labels = no_labels if labels is None else labels
+        self.test_labels = images.test_labels if args.conditional else None
+        model = MODELS[args.model](exp.channels, exp.levels, **model_options(args)).to(device)
+        if args.channels_last:
+            # Module.to takes memory_format; torch's overloads do not say so.
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.model: Model = model
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        self.identity = run_identity(exp, args, model.config.to_dict(), d.world)
+        self.state: dict[str, Any] = {
+            "epoch": 0,
+            "step": 0,
+            "batch_in_epoch": 0,
+            "train_curve": [],
+            "test_curve": [],
+        }
+        if args.resume:
+            self._resume()
+        self.net: nn.Module = model
+        if d.enabled:
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = DistributedDataParallel(model, device_ids=ids)
+        if args.compile:  # the trunk only: forward's input checks read values
+            model.forward_features = torch.compile(model.forward_features)  # type: ignore[method-assign]
+        self.sampler: DistributedSampler[Any] = DistributedSampler(
+            TensorDataset(self.train),
+            num_replicas=d.world,
+            rank=d.rank,
+            shuffle=True,
+            seed=args.seed,
+            drop_last=True,
+        )
+        self.steps_per_epoch = len(self.sampler) // args.batch_size
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"--batch-size {args.batch_size} is larger than the {len(self.sampler)} "
+                f"training images per process"
+            )
+        self.dims = math.prod(self.train.shape[1:])
+
+    def _resume(self) -> None:
+        required = ("identity", "model", "optimizer", "rng_cpu", *self.state)
+        saved = load_checkpoint(self.ckpt_path, required)
+        check_identity(saved["identity"], self.identity, self.ckpt_path)
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])  # moved to the model's device
+        old_lr, lr = self.optimizer.param_groups[0]["lr"], self.args.lr
+        if old_lr != lr:  # --lr on resume: applied, and said
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            if self.d.main:
+                print(f"--resume: learning rate changed from {old_lr:g} to {lr:g}")
+        torch.set_rng_state(saved["rng_cpu"])
+        self.state = {key: saved[key] for key in self.state}
+
+    def announce(self) -> None:
+        if not self.d.main:
+            return
+        n_params = sum(p.numel() for p in self.model.parameters())
+        resuming = f"; resuming at step {self.state['step']}" if self.args.resume else ""
+        print(
+            f"{self.exp.name} MNIST: {self.train.shape[0]} train / {self.test.shape[0]} test "
+            f"images {tuple(self.train.shape[1:])}, {n_params} parameters, "
+            f"{self.d.world} process(es) on {self.device}{resuming}",
+            flush=True,
+        )
+
+    def reached_max(self) -> bool:
+        return self.args.max_steps is not None and self.state["step"] >= self.args.max_steps
+
+    def fit(self, stop: StopFlag) -> bool:
+        """Train to the end of the run; True if a signal stopped it (in any process)."""
+        stopped = False
+        while self.state["epoch"] < self.args.epochs and not self.reached_max() and not stopped:
+            stopped = self._epoch(stop)
+            if self.state["batch_in_epoch"] >= self.steps_per_epoch:
+                self.state["epoch"] += 1
+                self.state["batch_in_epoch"] = 0
+            if not stopped:  # after each epoch, and where --max-steps ends a run
+                self._evaluate()
+            if self.d.main:
+                self._save()
+            if self.d.enabled:
+                dist.barrier()
+        return stopped
+
+    def _epoch(self, stop: StopFlag) -> bool:
+        """The rest of the current epoch (to --max-steps); True if a signal stopped it."""
+        state, args, d = self.state, self.args, self.d
+        self.sampler.set_epoch(state["epoch"])
+        order = batches(self.sampler, args.batch_size, state["batch_in_epoch"])
+        loader = DataLoader(
+            TensorDataset(self.train, self.train_labels),
+            batch_sampler=order[: self.steps_per_epoch - state["batch_in_epoch"]],
+            num_workers=args.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.model.train()
+        # The bar ends where this epoch's part of the run ends: at the epoch's end, or at
+        # --max-steps.
+        last = self.steps_per_epoch
+        if args.max_steps is not None:
+            last = min(last, state["batch_in_epoch"] + args.max_steps - state["step"])
+        bar = tqdm(
+            total=last,
+            initial=state["batch_in_epoch"],
+            desc=f"epoch {state['epoch'] + 1}/{args.epochs}",
+            disable=not d.main,
+            dynamic_ncols=True,
+        )
+        started, seen, stopped = time.perf_counter(), 0, False
+        for x, y in loader:
+            value = self._step(x.to(self.device, non_blocking=True).long(), y)
+            seen += x.shape[0] * d.world
+            state["train_curve"].append([state["step"], value])
+            bar.set_postfix(  # this step's loss, shown with this step's count
+                nats_per_dim=f"{value:.4f}",
+                img_s=f"{seen / (time.perf_counter() - started):.0f}",
+                refresh=False,
+            )
+            bar.update(1)
+            stopped = stop.requested is not None
+            if d.enabled:  # ranks that stop at different steps would hang DDP
+                flag = torch.tensor([float(stopped)], device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopped = bool(flag.item())
+            if stopped or self.reached_max():
+                break
+        bar.close()
+        return stopped
+
+    def _step(self, x: Tensor, y: Tensor) -> float:
+        """One optimizer step on the batch; its loss in nats/dim."""
+        labels = y.to(self.device, non_blocking=True) if self.args.conditional else None
+        try:
+            with autocast(self.device, self.args.amp):
+                # Through net's forward, so that DDP syncs the gradients.
+                params = self.net(x, labels=labels)
+                loss = -self.model.log_prob_from_params(params, x).mean() / self.dims
+        except ValueError as err:  # e.g. NaN weights: log_prob refuses them
+            raise DataError(
+                f"at step {self.state['step'] + 1}: {err}; stopping (the checkpoint in "
+                f"{self.out} is from before it)"
+            ) from None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip)
+        self.optimizer.step()
+        self.state["step"] += 1
+        self.state["batch_in_epoch"] += 1
+        value = loss.item()
+        if not math.isfinite(value):
+            # Stop before this step's weights reach a checkpoint: the last saved one stays
+            # the last good one.
+            raise DataError(
+                f"the training loss is {value} at step {self.state['step']}: stopping (the "
+                f"checkpoint in {self.out} is from before it); lower --lr or --clip, or "
+                f"check the data and the checkpoint"
+            )
+        return value
+
+    def _evaluate(self) -> None:
+        if self.d.main:
+            print(f"evaluating on the {len(self.test)} test images ...", flush=True)
+        args, state = self.args, self.state
+        nats, bits = evaluate(
+            self.model, self.test, self.test_labels, self.d, self.device,
+            args.eval_batch_size, args.amp,
+        )  # fmt: skip
+        state["test_curve"].append(
+            {
+                "epoch": state["epoch"] + state["batch_in_epoch"] / self.steps_per_epoch,
+                "step": state["step"],
+                "nats_per_dim": nats,
+                "bits_per_dim": bits,
+            }
+        )
+        if self.d.main:
+            print(f"step {state['step']}: test NLL {nats:.4f} nats/dim, {bits:.4f} bits/dim")
+
+    def _save(self) -> None:
+        checkpoint = {
+            "identity": self.identity,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            **self.state,
+        }
+        save_checkpoint(self.ckpt_path, checkpoint)
+        write_metrics(self.out, self.state, self.steps_per_epoch)
+
+    def finish(self, stopped: bool, stop: StopFlag) -> None:
+        """Check the ranks agree; then the samples and the model, or how to resume."""
+        d = self.d
+        if d.enabled:
+            sums = param_checksum(self.model)
+            gathered = [torch.zeros_like(sums) for _ in range(d.world)]
+            dist.all_gather(gathered, sums)
+            if d.main:
+                same = all(torch.equal(g, gathered[0]) for g in gathered)
+                print(f"parameters {'identical' if same else 'DIFFERENT'} across {d.world} ranks")
+        if d.main and stopped:
+            print(
+                f"stopped by {stop.requested or 'a signal to another process'} at step "
+                f"{self.state['step']}; checkpoint {self.ckpt_path}; continue with --resume"
+            )
+        elif d.main:
+            write_images(
+                self.model, self.test, self.test_labels, self.exp, self.args, self.device,
+                self.out,
+            )  # fmt: skip
+            self.model.save_pretrained(self.out / "model")  # no pickle: safetensors + config
+            print(f"outputs in {self.out}; the model in {self.out / 'model'}")
+        if d.enabled:
+            dist.barrier()
 
 
 def write_metrics(out: Path, state: dict[str, Any], steps_per_epoch: int) -> None:

@@ -247,16 +247,21 @@ class IncrementalEvaluator(Evaluator):
             steep for the model's vertical stack.
 
     Example:
-        A decoder's loop (``decode`` stands for the entropy decoder)::
+        A decoder's loop (``decode`` stands for the entropy decoder). It keeps the image
+        decoded so far: a group-major schedule visits a position once per group, and its
+        earlier groups must come with it::
 
             ev = IncrementalEvaluator(model, 1, (H, W))
+            image = torch.zeros(1, C, H, W, dtype=torch.long)
             with torch.no_grad():
                 while not ev.done:
-                    values = torch.zeros(1, C, len(ev.positions), dtype=torch.long)
+                    rows, cols = ev.rows, ev.cols
+                    values = image[:, :, rows, cols]  # (1, C, n), a copy
                     for channels in ev.groups:
                         params = ev.params(values)  # (1, C, K, n) for a Categorical head
                         values[:, channels] = decode(params[:, channels])
                     ev.advance(values)
+                    image[:, :, rows, cols] = values
     """
 
     def __init__(
