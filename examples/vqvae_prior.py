@@ -550,212 +550,278 @@ def run(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     out = Path(args.out_dir)
-    prepare_out_dir(out)
-    found = [name for name in STAGE_FILES if (out / name).exists()]
-    if found and not args.resume:
-        raise DataError(
-            f"--out-dir {out} holds an earlier run ({', '.join(found)}): continue it with "
-            f"--resume, or choose another --out-dir"
-        )
-    if args.resume and not found:
-        raise DataError(f"--resume: no checkpoint in {out}; run without --resume first")
+    _check_out_dir(out, args.resume)
     device = pick_device(args.device)
     keep_freed_memory()  # as the MNIST examples and the benchmarks
     torch.manual_seed(args.seed)
-    mnist = load_mnist(Path(args.data_dir), download=not args.no_download)
-    train = torch.from_numpy(mnist["train"].copy()).float().div_(255).unsqueeze(1)
-    test = torch.from_numpy(mnist["test"].copy()).float().div_(255).unsqueeze(1)
-    train_labels = torch.from_numpy(mnist["train_labels"].copy()).long()
-    test_labels = torch.from_numpy(mnist["test_labels"].copy()).long()
+    data = _Data.load(args)
     metrics: dict[str, Any] = {"device": str(device), "hierarchy": args.hierarchy}
-
     stop = StopFlag()
     try:
-        # ---- stage 1: the VQ-VAE
-        vq_config = VQVAEConfig(
-            hierarchy=args.hierarchy,
-            hidden_channels=args.vq_channels,
-            code_dim=args.code_dim,
-            codebook_size=args.codebook_size,
-        )
-        vqvae = VQVAE(vq_config).to(device)
-        vq_stage = Stage(
-            "stage 1: VQ-VAE",
-            out / "vqvae.ckpt.pt",
-            {"vqvae": asdict(vq_config), "seed": args.seed, "batch_size": args.batch_size},
-            _steps(args, args.vq_steps),
-        )
-        print(
-            f"stage 1: a {args.hierarchy}-level VQ-VAE, K = {args.codebook_size} codes of "
-            f"{args.code_dim} numbers, {sum(p.numel() for p in vqvae.parameters())} "
-            f"parameters, on {device}",
-            flush=True,
-        )
-
-        def vq_loss(indices: Tensor) -> tuple[Tensor, dict[str, float]]:
-            x = train[indices].to(device)
-            logits, commitment, _ = vqvae(x)
-            reconstruction = F.binary_cross_entropy_with_logits(logits, x)
-            logged = {"recon": reconstruction.item(), "commit": commitment.item()}
-            return reconstruction + commitment, logged
-
-        vq_curve, signal = train_stage(vq_stage, vqvae, vq_loss, len(train), args.vq_lr, args, stop)
-        if signal is not None:
-            return _stopped(signal, vq_stage)
+        vqvae, vq_curve = _train_vqvae(args, data, device, out, stop)
         vq_step = vq_curve[-1]["step"] if vq_curve else 0
-
-        # ---- the code maps of both sets, made once per VQ-VAE
-        # A smoke run (--max-steps) encodes only the maps its priors can use: 70,000 images
-        # take minutes on a CPU.
-        train_maps = _capped(args, len(train), args.batch_size)
-        test_maps = _capped(args, len(test), args.eval_batch_size)
-        codes_path = out / "codes.pt"
-        codes = None
-        if codes_path.exists():
-            codes = load_checkpoint(codes_path, ("identity", "step", "train", "test", "test_mse"))
-        if (
-            codes is None
-            or codes["identity"] != vq_stage.identity
-            or codes["step"] != vq_step
-            or (len(codes["train"][0]), len(codes["test"][0])) != (train_maps, test_maps)
-        ):
-            started = time.perf_counter()
-            train_codes, _ = encode_all(
-                vqvae, train[:train_maps], args.eval_batch_size, device, False
-            )
-            test_codes, test_mse = encode_all(
-                vqvae, test[:test_maps], args.eval_batch_size, device, True
-            )
-            codes = {
-                "identity": vq_stage.identity,
-                "step": vq_step,
-                "train": train_codes,
-                "test": test_codes,
-                "test_mse": test_mse,
-            }
-            save_checkpoint(codes_path, codes)
-            print(
-                f"encoded {train_maps + test_maps} images in {time.perf_counter() - started:.1f} s"
-            )
-        train_codes, test_codes = codes["train"], codes["test"]
-        metrics["vqvae"] = {
-            "steps": vq_step,
-            "test_reconstruction_mse": codes["test_mse"],
-            "encoded": {"train": train_maps, "test": test_maps},
-            "levels": [
-                {"map": list(m.shape[1:]), **codebook_usage(m, args.codebook_size)}
-                for m in test_codes
-            ],
-        }
-        for level in metrics["vqvae"]["levels"]:
-            print(
-                f"VQ-VAE {level['map'][0]}x{level['map'][1]} codes: perplexity "
-                f"{level['perplexity']:.1f}, {level['codes_used']}/{args.codebook_size} used; "
-                f"test reconstruction MSE {codes['test_mse']:.4f}"
-            )
-
-        # ---- stage 2: the priors, top first
+        codes = _code_maps(args, vqvae, vq_step, data, device, out)
+        metrics["vqvae"] = _vq_metrics(args, vq_step, codes)
+        # Stage 2: the priors, top first.
         vqvae.eval()
         for p in vqvae.parameters():
             p.requires_grad_(False)
-
-        def cond_of(level: int) -> Callable[[Tensor], Tensor | None]:
-            def cond(top: Tensor) -> Tensor | None:
-                return None if level == 0 else vqvae.code_vectors(0, top.to(device).long())
-
-            return cond
-
-        priors = []
         metrics["priors"] = []
-        tops = train_codes[0]
-        for level, size in enumerate(vqvae.map_sizes):
-            name = ("top", "bottom")[level]
-            prior = make_prior(vq_config, level, args).to(device)
-            stage = Stage(
-                f"stage 2: prior of the {size[0]}x{size[1]} {name} codes",
-                out / f"prior_{name}.ckpt.pt",
-                {
-                    "prior": prior.config.to_dict(),
-                    "vqvae": asdict(vq_config),
-                    "vqvae_step": vq_step,
-                    "seed": args.seed,
-                    "batch_size": args.batch_size,
-                },
-                _steps(args, args.prior_steps),
-            )
-            if stage.path.exists():
-                saved = load_checkpoint(stage.path, ("identity",))["identity"]
-                if saved != stage.identity and {**saved, "vqvae_step": vq_step} == stage.identity:
-                    print(
-                        f"{stage.path} was trained on the codes of the VQ-VAE at step "
-                        f"{saved['vqvae_step']}, now at step {vq_step}: the prior starts afresh"
-                    )
-                    stage.path.unlink()
-            print(
-                f"{stage.name}: {sum(p.numel() for p in prior.parameters())} parameters",
-                flush=True,
-            )
-            level_codes = train_codes[level]
-            cond = cond_of(level)
-
-            def prior_loss(
-                indices: Tensor,
-                prior: Prior = prior,
-                level_codes: Tensor = level_codes,
-                cond: Callable[[Tensor], Tensor | None] = cond,
-                dims: int = size[0] * size[1],
-            ) -> tuple[Tensor, dict[str, float]]:
-                x = level_codes[indices, None].to(device).long()
-                y = train_labels[indices].to(device)
-                nll = -prior.log_prob(x, labels=y, cond=cond(tops[indices])).mean()
-                bits_per_code = nll / dims / math.log(2)
-                return bits_per_code, {"bits_per_code": bits_per_code.item()}
-
-            curve, signal = train_stage(
-                stage, prior, prior_loss, train_maps, args.prior_lr, args, stop
-            )
-            if signal is not None:
-                return _stopped(signal, stage)
-            dims = size[0] * size[1]
-            nll = prior_nll(
-                prior,
-                test_codes[level],
-                test_labels[:test_maps],
-                test_codes[0],
-                cond,
-                args.eval_batch_size,
-                device,
-            )
-            metrics["priors"].append(
-                {
-                    "map": list(size),
-                    "steps": curve[-1]["step"] if curve else 0,
-                    "test_nll_bits_per_code": nll / dims,
-                    "test_nll_bits_per_map": nll,
-                    "train_curve": curve,
-                }
-            )
-            print(f"{name} prior: test NLL {nll / dims:.4f} bits per code, {nll:.2f} bits per map")
-            priors.append(prior.eval())
+        priors = [
+            _train_prior(args, level, vqvae, vq_step, codes, data, device, out, stop, metrics)
+            for level in range(len(vqvae.map_sizes))
+        ]
         total = sum(p["test_nll_bits_per_map"] for p in metrics["priors"])
         metrics["test_nll_bits_per_image"] = total
         metrics["vqvae"]["train_curve"] = vq_curve
+        test_maps = len(codes["test"][0])
         if args.compress:
             metrics["compression"] = compress_codes(
-                priors, test_codes, test_labels[:test_maps], cond_of, device
+                priors, codes["test"], data.test_labels[:test_maps], _conditioner(vqvae), device
             )
-
-        # ---- stage 3: samples, reconstructions, the final models
-        write_outputs(vqvae, priors, test, test_labels, args, device, out, metrics)
+        # Stage 3: samples, reconstructions, the final models.
+        write_outputs(vqvae, priors, data.test, data.test_labels, args, device, out, metrics)
         print(f"test NLL {total:.2f} bits per image (all code maps); outputs in {out}")
+        return 0
+    except _Stopped as stopped:
+        print(
+            f"stopped by {stopped.signal} in {stopped.stage.name}; checkpoint "
+            f"{stopped.stage.path}; continue with --resume"
+        )
         return 0
     finally:
         stop.close()
 
 
-def _stopped(signal: str, stage: Stage) -> int:
-    print(f"stopped by {signal} in {stage.name}; checkpoint {stage.path}; continue with --resume")
-    return 0
+class _Stopped(Exception):  # noqa: N818 (a signal, not an error)
+    """A signal ended a stage, after its checkpoint."""
+
+    def __init__(self, signal: str, stage: Stage) -> None:
+        super().__init__(signal)
+        self.signal, self.stage = signal, stage
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
+    prepare_out_dir(out)
+    found = [name for name in STAGE_FILES if (out / name).exists()]
+    if found and not resume:
+        raise DataError(
+            f"--out-dir {out} holds an earlier run ({', '.join(found)}): continue it with "
+            f"--resume, or choose another --out-dir"
+        )
+    if resume and not found:
+        raise DataError(f"--resume: no checkpoint in {out}; run without --resume first")
+
+
+@dataclass
+class _Data:
+    """MNIST as the VQ-VAE sees it: gray values in [0, 1], ``(N, 1, 28, 28)``; labels."""
+
+    train: Tensor
+    test: Tensor
+    train_labels: Tensor
+    test_labels: Tensor
+
+    @classmethod
+    def load(cls, args: argparse.Namespace) -> _Data:
+        mnist = load_mnist(Path(args.data_dir), download=not args.no_download)
+
+        def tensor(key: str) -> Tensor:
+            return torch.from_numpy(mnist[key].copy())
+
+        return cls(
+            tensor("train").float().div_(255).unsqueeze(1),
+            tensor("test").float().div_(255).unsqueeze(1),
+            tensor("train_labels").long(),
+            tensor("test_labels").long(),
+        )
+
+
+def _vq_identity(args: argparse.Namespace, config: VQVAEConfig) -> dict[str, Any]:
+    return {"vqvae": asdict(config), "seed": args.seed, "batch_size": args.batch_size}
+
+
+def _train_vqvae(
+    args: argparse.Namespace, data: _Data, device: torch.device, out: Path, stop: StopFlag
+) -> tuple[VQVAE, list[dict[str, Any]]]:
+    """Stage 1: the VQ-VAE, trained (or resumed) to its step count; and its curve."""
+    vq_config = VQVAEConfig(
+        hierarchy=args.hierarchy,
+        hidden_channels=args.vq_channels,
+        code_dim=args.code_dim,
+        codebook_size=args.codebook_size,
+    )
+    vqvae = VQVAE(vq_config).to(device)
+    stage = Stage(
+        "stage 1: VQ-VAE",
+        out / "vqvae.ckpt.pt",
+        _vq_identity(args, vq_config),
+        _steps(args, args.vq_steps),
+    )
+    print(
+        f"stage 1: a {args.hierarchy}-level VQ-VAE, K = {args.codebook_size} codes of "
+        f"{args.code_dim} numbers, {sum(p.numel() for p in vqvae.parameters())} "
+        f"parameters, on {device}",
+        flush=True,
+    )
+
+    def vq_loss(indices: Tensor) -> tuple[Tensor, dict[str, float]]:
+        x = data.train[indices].to(device)
+        logits, commitment, _ = vqvae(x)
+        reconstruction = F.binary_cross_entropy_with_logits(logits, x)
+        logged = {"recon": reconstruction.item(), "commit": commitment.item()}
+        return reconstruction + commitment, logged
+
+    curve, signal = train_stage(stage, vqvae, vq_loss, len(data.train), args.vq_lr, args, stop)
+    if signal is not None:
+        raise _Stopped(signal, stage)
+    return vqvae, curve
+
+
+def _code_maps(
+    args: argparse.Namespace,
+    vqvae: VQVAE,
+    vq_step: int,
+    data: _Data,
+    device: torch.device,
+    out: Path,
+) -> dict[str, Any]:
+    """The code maps of both sets, made once per VQ-VAE (kept in ``codes.pt``).
+
+    A smoke run (--max-steps) encodes only the maps its priors can use: 70,000 images
+    take minutes on a CPU.
+    """
+    identity = _vq_identity(args, vqvae.config)
+    train_maps = _capped(args, len(data.train), args.batch_size)
+    test_maps = _capped(args, len(data.test), args.eval_batch_size)
+    path = out / "codes.pt"
+    if path.exists():
+        codes = load_checkpoint(path, ("identity", "step", "train", "test", "test_mse"))
+        sizes = (len(codes["train"][0]), len(codes["test"][0]))
+        if (codes["identity"], codes["step"], sizes) == (
+            identity,
+            vq_step,
+            (train_maps, test_maps),
+        ):
+            return codes
+    started = time.perf_counter()
+    batch = args.eval_batch_size
+    train_codes, _ = encode_all(vqvae, data.train[:train_maps], batch, device, False)
+    test_codes, test_mse = encode_all(vqvae, data.test[:test_maps], batch, device, True)
+    codes = {
+        "identity": identity,
+        "step": vq_step,
+        "train": train_codes,
+        "test": test_codes,
+        "test_mse": test_mse,
+    }
+    save_checkpoint(path, codes)
+    print(f"encoded {train_maps + test_maps} images in {time.perf_counter() - started:.1f} s")
+    return codes
+
+
+def _vq_metrics(args: argparse.Namespace, vq_step: int, codes: dict[str, Any]) -> dict[str, Any]:
+    """The VQ-VAE's reconstruction and codebook use, printed and returned."""
+    metrics = {
+        "steps": vq_step,
+        "test_reconstruction_mse": codes["test_mse"],
+        "encoded": {"train": len(codes["train"][0]), "test": len(codes["test"][0])},
+        "levels": [
+            {"map": list(m.shape[1:]), **codebook_usage(m, args.codebook_size)}
+            for m in codes["test"]
+        ],
+    }
+    for level in metrics["levels"]:
+        print(
+            f"VQ-VAE {level['map'][0]}x{level['map'][1]} codes: perplexity "
+            f"{level['perplexity']:.1f}, {level['codes_used']}/{args.codebook_size} used; "
+            f"test reconstruction MSE {codes['test_mse']:.4f}"
+        )
+    return metrics
+
+
+def _conditioner(vqvae: VQVAE) -> Callable[[int], Callable[[Tensor], Tensor | None]]:
+    """``cond_of(level)(top codes)``: a level's conditioning map (the top map's code
+    vectors for the bottom prior; nothing for the top one)."""
+    device = next(vqvae.parameters()).device
+
+    def cond_of(level: int) -> Callable[[Tensor], Tensor | None]:
+        def cond(top: Tensor) -> Tensor | None:
+            return None if level == 0 else vqvae.code_vectors(0, top.to(device).long())
+
+        return cond
+
+    return cond_of
+
+
+def _train_prior(
+    args: argparse.Namespace,
+    level: int,
+    vqvae: VQVAE,
+    vq_step: int,
+    codes: dict[str, Any],
+    data: _Data,
+    device: torch.device,
+    out: Path,
+    stop: StopFlag,
+    metrics: dict[str, Any],
+) -> Prior:
+    """Stage 2 for one level: its prior trained (or resumed), then its test NLL."""
+    size = vqvae.map_sizes[level]
+    name = ("top", "bottom")[level]
+    prior = make_prior(vqvae.config, level, args).to(device)
+    stage = Stage(
+        f"stage 2: prior of the {size[0]}x{size[1]} {name} codes",
+        out / f"prior_{name}.ckpt.pt",
+        {
+            "prior": prior.config.to_dict(),
+            "vqvae": asdict(vqvae.config),
+            "vqvae_step": vq_step,
+            "seed": args.seed,
+            "batch_size": args.batch_size,
+        },
+        _steps(args, args.prior_steps),
+    )
+    if stage.path.exists():
+        saved = load_checkpoint(stage.path, ("identity",))["identity"]
+        if saved != stage.identity and {**saved, "vqvae_step": vq_step} == stage.identity:
+            print(
+                f"{stage.path} was trained on the codes of the VQ-VAE at step "
+                f"{saved['vqvae_step']}, now at step {vq_step}: the prior starts afresh"
+            )
+            stage.path.unlink()
+    print(f"{stage.name}: {sum(p.numel() for p in prior.parameters())} parameters", flush=True)
+    level_codes, tops = codes["train"][level], codes["train"][0]
+    cond = _conditioner(vqvae)(level)
+    dims = size[0] * size[1]
+
+    def prior_loss(indices: Tensor) -> tuple[Tensor, dict[str, float]]:
+        x = level_codes[indices, None].to(device).long()
+        y = data.train_labels[indices].to(device)
+        nll = -prior.log_prob(x, labels=y, cond=cond(tops[indices])).mean()
+        bits_per_code = nll / dims / math.log(2)
+        return bits_per_code, {"bits_per_code": bits_per_code.item()}
+
+    train_maps = len(level_codes)
+    curve, signal = train_stage(stage, prior, prior_loss, train_maps, args.prior_lr, args, stop)
+    if signal is not None:
+        raise _Stopped(signal, stage)
+    test_codes = codes["test"]
+    test_labels = data.test_labels[: len(test_codes[0])]
+    nll = prior_nll(
+        prior, test_codes[level], test_labels, test_codes[0], cond, args.eval_batch_size, device
+    )
+    metrics["priors"].append(
+        {
+            "map": list(size),
+            "steps": curve[-1]["step"] if curve else 0,
+            "test_nll_bits_per_code": nll / dims,
+            "test_nll_bits_per_map": nll,
+            "train_curve": curve,
+        }
+    )
+    print(f"{name} prior: test NLL {nll / dims:.4f} bits per code, {nll:.2f} bits per map")
+    return prior.eval()
 
 
 @torch.no_grad()
