@@ -127,7 +127,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def make_parser(exp: Experiment, description: str) -> argparse.ArgumentParser:
+    """The flags: the data and the run's outputs, the training recipe, the model."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    _data_flags(p, exp)
+    _recipe_flags(p)
+    _model_flags(p, exp)
+    return p
+
+
+def _data_flags(p: argparse.ArgumentParser, exp: Experiment) -> None:
     p.add_argument(
         "--data-dir",
         default="data/mnist",
@@ -147,6 +155,11 @@ def make_parser(exp: Experiment, description: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--out-dir", default=f"runs/mnist_{exp.name}", help="plots, samples, metrics, checkpoint"
     )
+    p.add_argument("--eval-batch-size", type=int, default=500)
+    p.add_argument("--num-samples", type=int, default=100, help="images in the sample grid")
+
+
+def _recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128, help="per process")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -182,6 +195,9 @@ def make_parser(exp: Experiment, description: str) -> argparse.ArgumentParser:
         help="torch threads (default: torch's, one per core); on a busy or shared CPU, 1 "
         "is often several times faster",
     )
+
+
+def _model_flags(p: argparse.ArgumentParser, exp: Experiment) -> None:
     p.add_argument("--hidden-channels", type=int, default=exp.hidden_channels)
     p.add_argument("--num-layers", type=int, default=exp.num_layers)
     p.add_argument("--kernel-size", type=int, default=7)
@@ -222,9 +238,6 @@ def make_parser(exp: Experiment, description: str) -> argparse.ArgumentParser:
         action="store_true",
         help="condition on the digit class; the sample grid has one row per class",
     )
-    p.add_argument("--eval-batch-size", type=int, default=500)
-    p.add_argument("--num-samples", type=int, default=100, help="images in the sample grid")
-    return p
 
 
 def model_options(args: argparse.Namespace) -> dict[str, Any]:
