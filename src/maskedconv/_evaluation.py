@@ -677,7 +677,7 @@ def _draw_all(
 def _progress(steps: int, text: str) -> Callable[[int], None]:
     """``done(step)`` reports steps done; tqdm's bar if it is installed, else stderr lines."""
     try:
-        from tqdm.auto import tqdm  # type: ignore[import-untyped]
+        from tqdm.auto import tqdm
     except ImportError:
         every = max(1, steps // 10)
 
