@@ -150,12 +150,16 @@ def _not_tensor(**kw):
         (
             dict(mask_type="C"),
             ValueError,
-            ["mask_type must be one of ('A', 'B', 'checkerboard') or a callable, but got 'C'"],
+            [
+                "mask_type must be one of ('A', 'B', 'checkerboard', 'group-checkerboard') or a callable, but got 'C'"
+            ],
         ),
         (
             dict(mask_type=3),
             TypeError,
-            ["mask_type must be one of ('A', 'B', 'checkerboard') or a callable, but got int 3"],
+            [
+                "mask_type must be one of ('A', 'B', 'checkerboard', 'group-checkerboard') or a callable, but got int 3"
+            ],
         ),
         (
             dict(kernel_size=4),
