@@ -10,6 +10,13 @@ from torch import nn
 from maskedconv import PixelCNN, sample
 
 
+def brute_groups(channels: int, sizes: list[int]) -> list[int]:
+    """Group of each channel, blocked: the sizes' pattern with every entry repeated
+    (written from the definition, not from maskedconv)."""
+    scale = channels // sum(sizes)
+    return [g for g, size in enumerate(sizes) for _ in range(size * scale)]
+
+
 def perturb_(module: nn.Module, scale: float) -> nn.Module:
     """Add N(0, scale^2) noise to every parameter, in place (from the global RNG): no
     weight keeps its tidy initial value, and zero-initialised conditioning matters."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pixelcnn_models import perturb_
+from pixelcnn_models import brute_groups, perturb_
 from torch import nn
 
 from maskedconv import (
@@ -30,12 +30,6 @@ from maskedconv import (
 from maskedconv._masks import channel_groups, group_slices
 
 # --- brute forces -----------------------------------------------------------------------
-
-
-def brute_groups(channels: int, sizes: list[int]) -> list[int]:
-    """Group of each channel, blocked: the sizes' pattern with every entry repeated."""
-    scale = channels // sum(sizes)
-    return [g for g, size in enumerate(sizes) for _ in range(size * scale)]
 
 
 def brute_checkerboard(out_c: int, in_c: int, kh: int, kw: int, sizes: list[int]) -> torch.Tensor:

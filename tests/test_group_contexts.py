@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pixelcnn_models import perturb_
+from pixelcnn_models import brute_groups, perturb_
 from torch import nn
 
 from maskedconv import (
@@ -32,11 +32,6 @@ from maskedconv import (
     model_slope,
     sample,
 )
-
-
-def brute_groups(channels: int, sizes: list[int]) -> list[int]:
-    scale = channels // sum(sizes)
-    return [g for g, size in enumerate(sizes) for _ in range(size * scale)]
 
 
 def brute_mask(out_c: int, in_c: int, kh: int, kw: int, sizes: list[int]) -> torch.Tensor:

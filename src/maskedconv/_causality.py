@@ -206,16 +206,13 @@ class _Rule:
     def set_schedule(self, schedule: Any, height: int, width: int) -> int:
         """Check against ``schedule``'s order; returns its number of steps."""
         if getattr(schedule, "group_passes", 1) > 1:  # group-major: a step per group
-            order = schedule.group_rank
-            if tuple(order.shape[1:]) != (height, width):
+            rank = schedule.group_rank  # (G, H, W), every position in every pass
+            if tuple(rank.shape[1:]) != (height, width):
                 raise ValueError(
-                    f"schedule is for a {order.shape[1]}x{order.shape[2]} image, but the "
+                    f"schedule is for a {rank.shape[1]}x{rank.shape[2]} image, but the "
                     f"input is {height}x{width}"
                 )
-            self.order = order.long()
-            steps = int(order.max()) + 1
-            self.schedule = f", in the order of {schedule!r} ({steps} sequential steps)"
-            return steps
+            return self._set_order(rank, schedule)
         rank = getattr(schedule, "rank", None)
         if not isinstance(rank, Tensor):
             rank = torch.full((height, width), -1, dtype=torch.long)
@@ -232,6 +229,9 @@ class _Rule:
                 f"schedule must visit every position of the {height}x{width} image once, but "
                 f"got one for {tuple(rank.shape)} or with positions never visited"
             )
+        return self._set_order(rank, schedule)
+
+    def _set_order(self, rank: Tensor, schedule: Any) -> int:
         self.order = rank.long()
         steps = int(rank.max()) + 1
         self.schedule = f", in the order of {schedule!r} ({steps} sequential steps)"

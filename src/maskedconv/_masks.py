@@ -369,12 +369,20 @@ def mask_group_checkerboard(
     Returns:
         ``(out_channels, in_channels, kh, kw)`` bool tensor.
     """
-    out_groups = channel_groups(out_channels, color_groups, group_layout)
-    in_groups = channel_groups(in_channels, color_groups, group_layout)
+    earlier, same = _group_relation(out_channels, in_channels, color_groups, group_layout)
     kh, kw = kernel_size
-    earlier = (out_groups[:, None] > in_groups[None, :]).view(out_channels, in_channels, 1, 1)
-    same = (out_groups[:, None] == in_groups[None, :]).view(out_channels, in_channels, 1, 1)
     return earlier.expand(-1, -1, kh, kw) | (same & checkerboard_taps(kernel_size))
+
+
+def _group_relation(
+    out_channels: int, in_channels: int, color_groups: ColorGroups, group_layout: str
+) -> tuple[Tensor, Tensor]:
+    """``(O, I, 1, 1)`` bool: whether input channel i is in a group before output channel
+    o's, and whether it is in the same group."""
+    out_groups = channel_groups(out_channels, color_groups, group_layout)[:, None]
+    in_groups = channel_groups(in_channels, color_groups, group_layout)[None, :]
+    shape = (out_channels, in_channels, 1, 1)
+    return (out_groups > in_groups).view(shape), (out_groups == in_groups).view(shape)
 
 
 def anchor_only_taps(
@@ -391,10 +399,7 @@ def anchor_only_taps(
     out_channels, in_channels, kh, kw = mask.shape
     gated = mask.bool() & checkerboard_taps((kh, kw))
     if mask_type == "group-checkerboard":
-        out_groups = channel_groups(out_channels, color_groups, group_layout)
-        in_groups = channel_groups(in_channels, color_groups, group_layout)
-        same = out_groups[:, None] == in_groups[None, :]
-        gated &= same.view(out_channels, in_channels, 1, 1)
+        gated &= _group_relation(out_channels, in_channels, color_groups, group_layout)[1]
     return gated
 
 
