@@ -1,22 +1,17 @@
-"""The MNIST examples' experiments, flags, torchrun set-up and training loop.
+"""The MNIST examples: their experiments, data, flags, and what a run writes.
 
-Used by ``mnist_binary.py``, ``mnist_color.py`` and ``mnist_gray.py``; the data is in
-``mnist_data.py``, checkpoints and safe writes in ``files.py``, figures in ``plots.py``.
-It uses only maskedconv's public API. Run any of the scripts with ``--help`` for its flags.
+Used by ``mnist_binary.py``, ``mnist_color.py`` and ``mnist_gray.py``. The training loop is
+``train.py``, the data ``mnist_data.py``, checkpoints and safe writes ``files.py``, figures
+``plots.py``. It uses only maskedconv's public API. Run any of the scripts with
+``--help`` for its flags.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import ctypes
-import io
-import json
 import math
-import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,20 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from files import (
-    DataError,
-    StopFlag,
-    atomic_write_bytes,
-    load_checkpoint,
-    prepare_out_dir,
-    save_checkpoint,
-)
+import train
+from files import DataError, StopFlag, prepare_out_dir
 from mnist_data import binarize, colorize, load_mnist, load_pickle
-from plots import save_grid, save_nll_plot
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-from tqdm import tqdm
+from plots import save_grid
+from torch import Tensor
+from train import Dist, Recipe, Split, Trainer, keep_freed_memory, setup_distributed
 
 from maskedconv import GatedPixelCNN, PixelCNN, set_conv_autotune
 
@@ -285,81 +272,6 @@ def check_args(exp: Experiment, parser: argparse.ArgumentParser, args: argparse.
         parser.error(f"the model flags do not make a model: {err}")
 
 
-# ---------------------------------------------------------------- distributed
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-
-def pick_device(device_flag: str, local_rank: int | None = None) -> torch.device:
-    """``--device``: ``auto`` takes CUDA, then MPS, then the CPU.
-
-    ``local_rank`` (under torchrun) chooses the GPU of this process.
-    """
-    if device_flag == "auto":
-        if torch.cuda.is_available():
-            device = torch.device("cuda", local_rank or 0)
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            device = torch.device("mps")
-        else:
-            device = torch.device("cpu")
-    else:
-        try:
-            device = torch.device(device_flag)
-        except RuntimeError:
-            raise DataError(
-                f"--device {device_flag!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
-            ) from None
-        if device.type == "cuda" and local_rank is not None and device.index is None:
-            device = torch.device("cuda", local_rank)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DataError(f"--device {device_flag}: CUDA is not available on this machine")
-        torch.cuda.set_device(device)
-    return device
-
-
-def setup_distributed(device_flag: str) -> tuple[Dist, torch.device]:
-    """Join the torchrun process group if launched by torchrun; pick the device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    device = pick_device(device_flag, d.local_rank if d.enabled else None)
-    if d.enabled:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return d, device
-
-
-# ----------------------------------------------------------------- checkpoints
-
-
-def keep_freed_memory() -> bool:
-    """Tell glibc to keep freed memory for reuse, as ``benchmarks/report.py`` does with
-    its ``MALLOC_*`` variables: by default glibc hands large freed blocks back to the OS,
-    and a training step then page-faults its activations back in (up to 1.6x slower).
-    Returns whether the settings took (glibc on Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # glibc's malloc.h
-    settings = ((m_mmap_threshold, 32 << 20), (m_trim_threshold, 2**31 - 1), (m_top_pad, 256 << 20))
-    return all(mallopt(param, value) == 1 for param, value in settings)
-
-
 def run_identity(
     exp: Experiment, args: argparse.Namespace, model_config: dict[str, Any], world: int
 ) -> dict[str, Any]:
@@ -376,80 +288,15 @@ def run_identity(
 
 
 def check_identity(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """:func:`train.check_identity`, reading checkpoints of 0.1 as well."""
     saved = {"architecture": "pixelcnn", **saved}  # 0.1 had only the PixelCNN
     if isinstance(saved.get("model"), dict):
         # A checkpoint from 0.1 lacks the config fields added since: fill their defaults.
-        # (Not a config of this version: reported as a mismatch below.)
+        # (Not a config of this version: reported as a mismatch.)
         with contextlib.suppress(TypeError, ValueError):
             config_class = MODELS.get(saved["architecture"], PixelCNN).config_class
             saved = {**saved, "model": config_class(**saved["model"]).to_dict()}
-    if saved == current:
-        return
-    diffs = []
-    for key in ("architecture", "experiment", "data", "seed", "batch_size", "processes"):
-        if saved.get(key) != current.get(key):
-            diffs.append(f"{key}={saved.get(key)!r} (this run: {current.get(key)!r})")
-    for key, value in saved.get("model", {}).items():
-        if current["model"].get(key) != value:
-            diffs.append(f"{key}={value!r} (this run: {current['model'].get(key)!r})")
-    raise DataError(
-        f"checkpoint {path} is from another configuration: {', '.join(diffs) or saved}; "
-        f"pass the same flags, or choose another --out-dir"
-    )
-
-
-# ------------------------------------------------------------------- training
-
-
-def evaluate(
-    model: Model,
-    test: Tensor,
-    labels: Tensor | None,
-    d: Dist,
-    device: torch.device,
-    batch_size: int,
-    amp: bool,
-) -> tuple[float, float]:
-    """Test NLL over the whole set in (nats/dim, bits/dim), shared across ranks.
-
-    Each rank takes every ``world``-th image, so no image is padded or counted twice.
-    ``labels`` are given to a conditional model.
-    """
-    model.eval()
-    shard = test[d.rank :: d.world]
-    shard_labels = None if labels is None else labels[d.rank :: d.world]
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of nll in nats, images)
-    with torch.no_grad():
-        for start in range(0, shard.shape[0], batch_size):
-            x = shard[start : start + batch_size].to(device, non_blocking=True).long()
-            y = None
-            if shard_labels is not None:
-                y = shard_labels[start : start + batch_size].to(device)
-            with autocast(device, amp):
-                log_prob = model.log_prob(x, labels=y)
-            total[0] -= log_prob.double().sum()
-            total[1] += x.shape[0]
-    if d.enabled:
-        dist.all_reduce(total)
-    nats_per_dim = float(total[0] / total[1]) / math.prod(test.shape[1:])
-    return nats_per_dim, nats_per_dim / math.log(2)
-
-
-def autocast(device: torch.device, enabled: bool) -> Any:
-    return torch.autocast(
-        device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda"
-    )
-
-
-def batches(sampler: DistributedSampler[Any], batch_size: int, skip: int) -> list[list[int]]:
-    indices = list(sampler)
-    out = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    return out[skip:]
-
-
-def param_checksum(model: nn.Module) -> Tensor:
-    """Float64 sums of every parameter: equal on every rank when DDP keeps them in sync."""
-    return torch.stack([p.detach().double().sum() for p in model.parameters()])
+    train.check_identity(saved, current, path)
 
 
 def run(exp: Experiment, description: str, argv: list[str] | None = None) -> int:
@@ -470,15 +317,44 @@ def run(exp: Experiment, description: str, argv: list[str] | None = None) -> int
         torch.set_num_threads(threads)
 
 
+def recipe(args: argparse.Namespace) -> Recipe:
+    return Recipe(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        clip=args.clip,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        amp=args.amp,
+        compile=args.compile,
+        num_workers=args.num_workers,
+        eval_batch_size=args.eval_batch_size,
+    )
+
+
 def _train(exp: Experiment, args: argparse.Namespace) -> int:
     d, device = setup_distributed(args.device)
     keep_freed_memory()  # the benchmark's allocator settings: the same speed here
-    trainer = Trainer(exp, args, d, device)
     stop = StopFlag()
     try:
-        trainer.announce()
+        trainer = _trainer(exp, args, d, device)
         stopped = trainer.fit(stop)
-        trainer.finish(stopped, stop)
+        same = trainer.ranks_agree()
+        if d.main and d.enabled:
+            print(f"parameters {'identical' if same else 'DIFFERENT'} across {d.world} ranks")
+        if d.main and stopped:
+            print(
+                f"stopped by {trainer.stopped_by or 'a signal to another process'} at step "
+                f"{trainer.state['step']}; checkpoint {trainer.checkpoint}; continue with --resume"
+            )
+        elif d.main:
+            out, model = Path(args.out_dir), trainer.model
+            assert isinstance(model, PixelCNN | GatedPixelCNN)
+            write_images(model, trainer.test, exp, args, device, out)
+            model.save_pretrained(out / "model")  # no pickle: safetensors + config
+            print(f"outputs in {out}; the model in {out / 'model'}")
+        if d.enabled:
+            dist.barrier()
         return 0
     finally:
         stop.close()
@@ -486,274 +362,52 @@ def _train(exp: Experiment, args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-class Trainer:
-    """One training run: the model, its optimizer and the run's state, fitted epoch by
-    epoch, evaluated and checkpointed after each (and where --max-steps or a signal
-    ends the run), resumed exactly from its checkpoint."""
-
-    def __init__(
-        self, exp: Experiment, args: argparse.Namespace, d: Dist, device: torch.device
-    ) -> None:
-        self.exp, self.args, self.d, self.device = exp, args, d, device
-        self.out = Path(args.out_dir)
-        self.ckpt_path = self.out / "checkpoint.pt"
-        torch.manual_seed(args.seed)
-        if d.main:
-            prepare_out_dir(self.out)
-        if self.ckpt_path.exists() and not args.resume:  # nothing is overwritten without a word
-            raise DataError(
-                f"--out-dir {self.out} holds a checkpoint of an earlier run: continue it with "
-                f"--resume, or choose another --out-dir (or delete {self.ckpt_path})"
-            )
-        images = load_images(exp, args)
-        self.train, self.test = images.train, images.test
-        # Labels ride along with the images always; the model sees them with --conditional.
-        labels = images.train_labels
-        no_labels = torch.zeros(len(self.train), dtype=torch.long)
-        self.train_labels = no_labels if labels is None else labels
-        self.test_labels = images.test_labels if args.conditional else None
-        model = MODELS[args.model](exp.channels, exp.levels, **model_options(args)).to(device)
-        if args.channels_last:
-            # Module.to takes memory_format; torch's overloads do not say so.
-            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.model: Model = model
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-        self.identity = run_identity(exp, args, model.config.to_dict(), d.world)
-        self.state: dict[str, Any] = {
-            "epoch": 0,
-            "step": 0,
-            "batch_in_epoch": 0,
-            "train_curve": [],
-            "test_curve": [],
-        }
-        if args.resume:
-            self._resume()
-        self.net: nn.Module = model
-        if d.enabled:
-            ids = [device.index] if device.type == "cuda" else None
-            self.net = DistributedDataParallel(model, device_ids=ids)
-        if args.compile:  # the trunk only: forward's input checks read values
-            model.forward_features = torch.compile(model.forward_features)  # type: ignore[method-assign]
-        self.sampler: DistributedSampler[Any] = DistributedSampler(
-            TensorDataset(self.train),
-            num_replicas=d.world,
-            rank=d.rank,
-            shuffle=True,
-            seed=args.seed,
-            drop_last=True,
+def _trainer(exp: Experiment, args: argparse.Namespace, d: Dist, device: torch.device) -> Trainer:
+    """The run's model, data and recipe in a :class:`train.Trainer`, resumed if asked."""
+    out = Path(args.out_dir)
+    checkpoint = out / "checkpoint.pt"
+    torch.manual_seed(args.seed)
+    if d.main:
+        prepare_out_dir(out)
+    if checkpoint.exists() and not args.resume:  # nothing is overwritten without a word
+        raise DataError(
+            f"--out-dir {out} holds a checkpoint of an earlier run: continue it with "
+            f"--resume, or choose another --out-dir (or delete {checkpoint})"
         )
-        self.steps_per_epoch = len(self.sampler) // args.batch_size
-        if self.steps_per_epoch == 0:
-            raise DataError(
-                f"--batch-size {args.batch_size} is larger than the {len(self.sampler)} "
-                f"training images per process"
-            )
-        self.dims = math.prod(self.train.shape[1:])
-
-    def _resume(self) -> None:
-        required = ("identity", "model", "optimizer", "rng_cpu", *self.state)
-        saved = load_checkpoint(self.ckpt_path, required)
-        check_identity(saved["identity"], self.identity, self.ckpt_path)
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])  # moved to the model's device
-        old_lr, lr = self.optimizer.param_groups[0]["lr"], self.args.lr
-        if old_lr != lr:  # --lr on resume: applied, and said
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            if self.d.main:
-                print(f"--resume: learning rate changed from {old_lr:g} to {lr:g}")
-        torch.set_rng_state(saved["rng_cpu"])
-        self.state = {key: saved[key] for key in self.state}
-
-    def announce(self) -> None:
-        if not self.d.main:
-            return
-        n_params = sum(p.numel() for p in self.model.parameters())
-        resuming = f"; resuming at step {self.state['step']}" if self.args.resume else ""
+    images = load_images(exp, args)
+    labels = (images.train_labels, images.test_labels) if args.conditional else (None, None)
+    model = MODELS[args.model](exp.channels, exp.levels, **model_options(args)).to(device)
+    if args.channels_last:
+        # Module.to takes memory_format; torch's overloads do not say so.
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    trainer = Trainer(
+        model,
+        Split(images.train, labels[0]),
+        Split(images.test, labels[1]),
+        recipe(args),
+        checkpoint=checkpoint,
+        identity=run_identity(exp, args, model.config.to_dict(), d.world),
+        device=device,
+        d=d,
+        metrics_dir=out,
+    )
+    if args.resume:
+        trainer.resume(check_identity)
+    if d.main:
+        n_params = sum(p.numel() for p in model.parameters())
+        resuming = f"; resuming at step {trainer.state['step']}" if args.resume else ""
         print(
-            f"{self.exp.name} MNIST: {self.train.shape[0]} train / {self.test.shape[0]} test "
-            f"images {tuple(self.train.shape[1:])}, {n_params} parameters, "
-            f"{self.d.world} process(es) on {self.device}{resuming}",
+            f"{exp.name} MNIST: {len(images.train)} train / {len(images.test)} test "
+            f"images {tuple(images.train.shape[1:])}, {n_params} parameters, "
+            f"{d.world} process(es) on {device}{resuming}",
             flush=True,
         )
-
-    def reached_max(self) -> bool:
-        return self.args.max_steps is not None and self.state["step"] >= self.args.max_steps
-
-    def fit(self, stop: StopFlag) -> bool:
-        """Train to the end of the run; True if a signal stopped it (in any process)."""
-        stopped = False
-        while self.state["epoch"] < self.args.epochs and not self.reached_max() and not stopped:
-            stopped = self._epoch(stop)
-            if self.state["batch_in_epoch"] >= self.steps_per_epoch:
-                self.state["epoch"] += 1
-                self.state["batch_in_epoch"] = 0
-            if not stopped:  # after each epoch, and where --max-steps ends a run
-                self._evaluate()
-            if self.d.main:
-                self._save()
-            if self.d.enabled:
-                dist.barrier()
-        return stopped
-
-    def _epoch(self, stop: StopFlag) -> bool:
-        """The rest of the current epoch (to --max-steps); True if a signal stopped it."""
-        state, args, d = self.state, self.args, self.d
-        self.sampler.set_epoch(state["epoch"])
-        order = batches(self.sampler, args.batch_size, state["batch_in_epoch"])
-        loader = DataLoader(
-            TensorDataset(self.train, self.train_labels),
-            batch_sampler=order[: self.steps_per_epoch - state["batch_in_epoch"]],
-            num_workers=args.num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
-        self.model.train()
-        # The bar ends where this epoch's part of the run ends: at the epoch's end, or at
-        # --max-steps.
-        last = self.steps_per_epoch
-        if args.max_steps is not None:
-            last = min(last, state["batch_in_epoch"] + args.max_steps - state["step"])
-        bar = tqdm(
-            total=last,
-            initial=state["batch_in_epoch"],
-            desc=f"epoch {state['epoch'] + 1}/{args.epochs}",
-            disable=not d.main,
-            dynamic_ncols=True,
-        )
-        started, seen, stopped = time.perf_counter(), 0, False
-        for x, y in loader:
-            value = self._step(x.to(self.device, non_blocking=True).long(), y)
-            seen += x.shape[0] * d.world
-            state["train_curve"].append([state["step"], value])
-            bar.set_postfix(  # this step's loss, shown with this step's count
-                nats_per_dim=f"{value:.4f}",
-                img_s=f"{seen / (time.perf_counter() - started):.0f}",
-                refresh=False,
-            )
-            bar.update(1)
-            stopped = stop.requested is not None
-            if d.enabled:  # ranks that stop at different steps would hang DDP
-                flag = torch.tensor([float(stopped)], device=self.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stopped = bool(flag.item())
-            if stopped or self.reached_max():
-                break
-        bar.close()
-        return stopped
-
-    def _step(self, x: Tensor, y: Tensor) -> float:
-        """One optimizer step on the batch; its loss in nats/dim."""
-        labels = y.to(self.device, non_blocking=True) if self.args.conditional else None
-        try:
-            with autocast(self.device, self.args.amp):
-                # Through net's forward, so that DDP syncs the gradients.
-                params = self.net(x, labels=labels)
-                loss = -self.model.log_prob_from_params(params, x).mean() / self.dims
-        except ValueError as err:  # e.g. NaN weights: log_prob refuses them
-            raise DataError(
-                f"at step {self.state['step'] + 1}: {err}; stopping (the checkpoint in "
-                f"{self.out} is from before it)"
-            ) from None
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip)
-        self.optimizer.step()
-        self.state["step"] += 1
-        self.state["batch_in_epoch"] += 1
-        value = loss.item()
-        if not math.isfinite(value):
-            # Stop before this step's weights reach a checkpoint: the last saved one stays
-            # the last good one.
-            raise DataError(
-                f"the training loss is {value} at step {self.state['step']}: stopping (the "
-                f"checkpoint in {self.out} is from before it); lower --lr or --clip, or "
-                f"check the data and the checkpoint"
-            )
-        return value
-
-    def _evaluate(self) -> None:
-        if self.d.main:
-            print(f"evaluating on the {len(self.test)} test images ...", flush=True)
-        args, state = self.args, self.state
-        nats, bits = evaluate(
-            self.model, self.test, self.test_labels, self.d, self.device,
-            args.eval_batch_size, args.amp,
-        )  # fmt: skip
-        state["test_curve"].append(
-            {
-                "epoch": state["epoch"] + state["batch_in_epoch"] / self.steps_per_epoch,
-                "step": state["step"],
-                "nats_per_dim": nats,
-                "bits_per_dim": bits,
-            }
-        )
-        if self.d.main:
-            print(f"step {state['step']}: test NLL {nats:.4f} nats/dim, {bits:.4f} bits/dim")
-
-    def _save(self) -> None:
-        checkpoint = {
-            "identity": self.identity,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            **self.state,
-        }
-        save_checkpoint(self.ckpt_path, checkpoint)
-        write_metrics(self.out, self.state, self.steps_per_epoch)
-
-    def finish(self, stopped: bool, stop: StopFlag) -> None:
-        """Check the ranks agree; then the samples and the model, or how to resume."""
-        d = self.d
-        if d.enabled:
-            sums = param_checksum(self.model)
-            gathered = [torch.zeros_like(sums) for _ in range(d.world)]
-            dist.all_gather(gathered, sums)
-            if d.main:
-                same = all(torch.equal(g, gathered[0]) for g in gathered)
-                print(f"parameters {'identical' if same else 'DIFFERENT'} across {d.world} ranks")
-        if d.main and stopped:
-            print(
-                f"stopped by {stop.requested or 'a signal to another process'} at step "
-                f"{self.state['step']}; checkpoint {self.ckpt_path}; continue with --resume"
-            )
-        elif d.main:
-            write_images(
-                self.model, self.test, self.test_labels, self.exp, self.args, self.device,
-                self.out,
-            )  # fmt: skip
-            self.model.save_pretrained(self.out / "model")  # no pickle: safetensors + config
-            print(f"outputs in {self.out}; the model in {self.out / 'model'}")
-        if d.enabled:
-            dist.barrier()
-
-
-def write_metrics(out: Path, state: dict[str, Any], steps_per_epoch: int) -> None:
-    metrics = {
-        "train": state["train_curve"],
-        "test": state["test_curve"],
-        "steps_per_epoch": steps_per_epoch,
-    }
-    atomic_write_bytes(out / "metrics.json", json.dumps(metrics).encode())
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["epoch", "step", "test_nats_per_dim", "test_bits_per_dim"])
-    for t in state["test_curve"]:
-        writer.writerow(
-            [f"{t['epoch']:.3f}", t["step"], f"{t['nats_per_dim']:.6f}", f"{t['bits_per_dim']:.6f}"]
-        )
-    atomic_write_bytes(out / "metrics.csv", buffer.getvalue().encode())
-    save_nll_plot(
-        out / "nll.png",
-        [tuple(p) for p in state["train_curve"]],
-        state["test_curve"],
-        steps_per_epoch,
-    )
+    return trainer
 
 
 def write_images(
     model: Model,
-    test: Tensor,
-    test_labels: Tensor | None,
+    test: Split,
     exp: Experiment,
     args: argparse.Namespace,
     device: torch.device,
@@ -771,10 +425,10 @@ def write_images(
         rows = max(1, int(math.sqrt(args.num_samples)))
         save_grid(out / "samples.png", samples, exp.levels, rows, name)
     # Completion: the top half of test digits given, the bottom half drawn.
-    given = test[:10].to(device).long()
+    given = test.x[:10].to(device).long()
     known = torch.zeros_like(given, dtype=torch.bool)
     known[:, :, :14] = True
-    given_labels = None if test_labels is None else test_labels[:10].to(device)
+    given_labels = None if test.labels is None else test.labels[:10].to(device)
     completions = [
         model.sample(x=given, known=known, labels=given_labels, generator=generator)
         for _ in range(4)

@@ -49,9 +49,10 @@ from files import (
     prepare_out_dir,
     save_checkpoint,
 )
-from mnist_common import HelpFormatter, keep_freed_memory, pick_device
+from mnist_common import HelpFormatter
 from mnist_data import load_mnist
 from plots import save_grid, save_png
+from train import LogProb, Recipe, Split, Trainer, evaluate, keep_freed_memory, pick_device
 
 from maskedconv import GatedPixelCNN, PixelCNN
 
@@ -481,14 +482,8 @@ def prior_nll(
     ``cond(tops[i])`` conditions map i: the prior of the bottom level reads the top map
     of the same image (``tops``, the top-level codes of the same set).
     """
-    prior.eval()
-    total = 0.0
-    for start in range(0, len(codes), batch_size):
-        x = codes[start : start + batch_size, None].to(device).long()
-        y = labels[start : start + batch_size].to(device)
-        c = cond(tops[start : start + batch_size])
-        total -= float(prior.log_prob(x, labels=y, cond=c).double().sum())
-    return total / len(codes) / math.log(2)
+    nats = evaluate(LogProb(prior, cond), Split(codes[:, None], labels, tops), batch_size, device)
+    return nats * codes[0].numel() / math.log(2)
 
 
 def compress_codes(
@@ -766,10 +761,12 @@ def _train_prior(
     stop: StopFlag,
     metrics: dict[str, Any],
 ) -> Prior:
-    """Stage 2 for one level: its prior trained (or resumed), then its test NLL."""
+    """Stage 2 for one level: its prior trained (or resumed) by the examples' training
+    loop (``train.py``), then its test NLL."""
     size = vqvae.map_sizes[level]
     name = ("top", "bottom")[level]
     prior = make_prior(vqvae.config, level, args).to(device)
+    steps = _steps(args, args.prior_steps)
     stage = Stage(
         f"stage 2: prior of the {size[0]}x{size[1]} {name} codes",
         out / f"prior_{name}.ckpt.pt",
@@ -780,7 +777,7 @@ def _train_prior(
             "seed": args.seed,
             "batch_size": args.batch_size,
         },
-        _steps(args, args.prior_steps),
+        steps,
     )
     if stage.path.exists():
         saved = load_checkpoint(stage.path, ("identity",))["identity"]
@@ -791,37 +788,68 @@ def _train_prior(
             )
             stage.path.unlink()
     print(f"{stage.name}: {sum(p.numel() for p in prior.parameters())} parameters", flush=True)
-    level_codes, tops = codes["train"][level], codes["train"][0]
-    cond = _conditioner(vqvae)(level)
-    dims = size[0] * size[1]
-
-    def prior_loss(indices: Tensor) -> tuple[Tensor, dict[str, float]]:
-        x = level_codes[indices, None].to(device).long()
-        y = data.train_labels[indices].to(device)
-        nll = -prior.log_prob(x, labels=y, cond=cond(tops[indices])).mean()
-        bits_per_code = nll / dims / math.log(2)
-        return bits_per_code, {"bits_per_code": bits_per_code.item()}
-
-    train_maps = len(level_codes)
-    curve, signal = train_stage(stage, prior, prior_loss, train_maps, args.prior_lr, args, stop)
-    if signal is not None:
-        raise _Stopped(signal, stage)
-    test_codes = codes["test"]
-    test_labels = data.test_labels[: len(test_codes[0])]
-    nll = prior_nll(
-        prior, test_codes[level], test_labels, test_codes[0], cond, args.eval_batch_size, device
+    # A level's maps, with their labels and the top maps that condition them.
+    train, test = codes["train"], codes["test"]
+    n_train, n_test = len(train[0]), len(test[0])
+    per_epoch = n_train // args.batch_size
+    trainer = Trainer(
+        prior,
+        Split(train[level][:, None], data.train_labels[:n_train], train[0]),
+        Split(test[level][:, None], data.test_labels[:n_test], test[0]),
+        Recipe(
+            epochs=math.ceil(steps / max(1, per_epoch)),
+            batch_size=args.batch_size,
+            lr=args.prior_lr,
+            max_steps=steps,
+            seed=args.seed,
+            eval_batch_size=args.eval_batch_size,
+            save_every=args.save_every,
+        ),
+        checkpoint=stage.path,
+        identity=stage.identity,
+        device=device,
+        cond_of=_conditioner(vqvae)(level),
+        name=f"{name} prior: ",
     )
+    if stage.path.exists():  # only with --resume: run() refuses the rest
+        trainer.resume(upgrade=lambda saved: _upgrade_prior_checkpoint(saved, per_epoch))
+    if trainer.fit(stop):
+        raise _Stopped(trainer.stopped_by or "a signal", stage)
+    dims = size[0] * size[1]
+    bits = trainer.test_nll() / math.log(2)  # per code
+    state = trainer.state
     metrics["priors"].append(
         {
             "map": list(size),
-            "steps": curve[-1]["step"] if curve else 0,
-            "test_nll_bits_per_code": nll / dims,
-            "test_nll_bits_per_map": nll,
-            "train_curve": curve,
+            "steps": state["step"],
+            "test_nll_bits_per_code": bits,
+            "test_nll_bits_per_map": bits * dims,
+            "train_curve": [
+                {"step": step, "bits_per_code": nats / math.log(2)}
+                for step, nats in state["train_curve"]
+            ],
+            "test_curve": state["test_curve"],
         }
     )
-    print(f"{name} prior: test NLL {nll / dims:.4f} bits per code, {nll:.2f} bits per map")
+    print(f"{name} prior: test NLL {bits:.4f} bits per code, {bits * dims:.2f} bits per map")
     return prior.eval()
+
+
+def _upgrade_prior_checkpoint(saved: dict[str, Any], steps_per_epoch: int) -> dict[str, Any]:
+    """A prior checkpoint of 0.2 (its own loop: ``step`` and a curve in bits per code),
+    as the training loop's. It resumes at its step; the batches after it are drawn in the
+    loop's order, not the one the old loop would have drawn."""
+    if "epoch" in saved or "step" not in saved or "curve" not in saved:
+        return saved
+    step = saved["step"]
+    print(f"a prior checkpoint of an earlier version of this example: resuming at step {step}")
+    return {
+        **saved,
+        "epoch": step // steps_per_epoch,
+        "batch_in_epoch": step % steps_per_epoch,
+        "train_curve": [[c["step"], c["bits_per_code"] * math.log(2)] for c in saved["curve"]],
+        "test_curve": [],
+    }
 
 
 @torch.no_grad()

@@ -25,8 +25,10 @@ import maskedconv
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
+import files  # noqa: E402
 import mnist_common as mc  # noqa: E402
 import mnist_data as md  # noqa: E402
+import train  # noqa: E402
 
 REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 HAVE_REAL = all((REAL_MNIST / f"{name}.gz").exists() for name in md.MNIST_FILES)
@@ -279,7 +281,7 @@ def test_channels_last_and_autotune_change_the_speed_not_the_run(
 def test_the_allocator_keeps_freed_memory_as_in_the_benchmark() -> None:
     # glibc refuses a value out of range (mallopt returns 0): the settings must all take.
     expected = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
-    assert mc.keep_freed_memory() is expected
+    assert train.keep_freed_memory() is expected
 
 
 def test_resume_from_another_config_is_refused(
@@ -461,7 +463,9 @@ def test_conditional_grid_has_a_row_per_class(monkeypatch: pytest.MonkeyPatch) -
     model = mc.GatedPixelCNN(1, 2, hidden_channels=4, num_layers=1, kernel_size=3, num_classes=10)
     args = mc.make_parser(mc.BINARY, "t").parse_args(["--conditional", "--num-samples", "30"])
     test = torch.zeros(10, 1, 28, 28, dtype=torch.uint8)
-    mc.write_images(model, test, torch.arange(10), mc.BINARY, args, torch.device("cpu"), Path("."))
+    mc.write_images(
+        model, mc.Split(test, torch.arange(10)), mc.BINARY, args, torch.device("cpu"), Path(".")
+    )
     images, rows = grids[0]
     assert images.shape[0] == 30 and rows == 10  # 3 per class, row r = class r
 
@@ -623,7 +627,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
     ckpt = torch.load(path, weights_only=True)
     first = next(k for k in ckpt["model"] if k.endswith("weight"))
     ckpt["model"][first] = torch.full_like(ckpt["model"][first], float("nan"))
-    mc.save_checkpoint(path, {k: v for k, v in ckpt.items() if k != "digest"})
+    files.save_checkpoint(path, {k: v for k, v in ckpt.items() if k != "digest"})
     before = path.read_bytes()
     assert run_binary(tmp_path, data_args, "--max-steps", "3", "--resume") == 2
     assert "at step 2: log_prob is not finite" in capsys.readouterr().err

@@ -19,7 +19,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 pytest.importorskip("vector_quantize_pytorch", reason="the examples extra is not installed")
 
-import mnist_common as mc  # noqa: E402
+import files  # noqa: E402
 import mnist_data as md  # noqa: E402
 import vqvae_prior as vp  # noqa: E402
 
@@ -122,7 +122,7 @@ def _run(out: Path, *extra: str) -> int:
     return vp.run([*TINY, "--out-dir", str(out), *extra])
 
 
-class _StopAtPoll(mc.StopFlag):
+class _StopAtPoll(files.StopFlag):
     """A Ctrl-C that arrives while the ``n``-th training step of this run is taken."""
 
     def __init__(self, n: int) -> None:
@@ -168,18 +168,18 @@ def test_stopped_in_each_stage_and_resumed_equals_a_straight_run(
     monkeypatch.setattr(vp, "StopFlag", lambda: _StopAtPoll(2))
     assert _run(stopped) == 0
     assert "stopped by SIGINT in stage 1: VQ-VAE" in capsys.readouterr().out
-    assert mc.load_checkpoint(stopped / "vqvae.ckpt.pt")["step"] == 2
+    assert files.load_checkpoint(stopped / "vqvae.ckpt.pt")["step"] == 2
     assert not (stopped / "codes.pt").exists() and not (stopped / "models.pt").exists()
 
     # Resumed: stage 1's last step (poll 1), then stopped at the prior's step 2 (poll 3).
     monkeypatch.setattr(vp, "StopFlag", lambda: _StopAtPoll(3))
     assert _run(stopped, "--resume") == 0
     assert "stopped by SIGINT in stage 2" in capsys.readouterr().out
-    assert mc.load_checkpoint(stopped / "prior_top.ckpt.pt")["step"] == 2
+    assert files.load_checkpoint(stopped / "prior_top.ckpt.pt")["step"] == 2
     assert (stopped / "codes.pt").exists() and not (stopped / "models.pt").exists()
 
     # Resumed again: the prior's last step, then stage 3.
-    monkeypatch.setattr(vp, "StopFlag", mc.StopFlag)
+    monkeypatch.setattr(vp, "StopFlag", files.StopFlag)
     assert _run(stopped, "--resume") == 0
     assert _same(_models(stopped / "models.pt"), _models(straight / "models.pt"))
     a = json.loads((straight / "metrics.json").read_text())
@@ -202,7 +202,7 @@ def test_outputs_metrics_and_loading_the_final_models(
     # Issue 20, item 12: a smoke run encodes a batch a step (3 x 32 training maps, 3 x
     # 2000 test maps), not all 70,000 images in silence.
     assert metrics["vqvae"]["encoded"] == {"train": 96, "test": 6000}
-    codes = mc.load_checkpoint(tmp_path / "codes.pt")
+    codes = files.load_checkpoint(tmp_path / "codes.pt")
     assert [len(m) for m in codes["train"]] == [96] and [len(m) for m in codes["test"]] == [6000]
     assert "encoding 6000 images" in capsys.readouterr().err
     level = metrics["vqvae"]["levels"][0]
@@ -241,7 +241,7 @@ def test_two_levels_sample_top_then_bottom_given_top(tmp_path: Path) -> None:
     vqvae, (top, bottom) = vp.load_models(tmp_path / "models.pt")
     assert top.config.cond_channels is None and bottom.config.cond_channels == 8
     # The bottom prior's test NLL, recomputed here: each bottom map given its own top map.
-    codes = mc.load_checkpoint(tmp_path / "codes.pt")
+    codes = files.load_checkpoint(tmp_path / "codes.pt")
     tops, bottoms = (c[:500].long() for c in codes["test"])
     labels = torch.from_numpy(md.load_mnist(REAL_MNIST, download=False)["test_labels"][:500].copy())
     with torch.no_grad():
