@@ -125,9 +125,9 @@ def _run(out: Path, *extra: str) -> int:
 class _StopAtPoll(files.StopFlag):
     """A Ctrl-C that arrives while the ``n``-th training step of this run is taken."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, start: int = 0) -> None:
         super().__init__()
-        self._n, self._polls = n, 0
+        self._n, self._polls = n, -start
 
     @property  # type: ignore[override]
     def requested(self) -> str | None:
@@ -322,3 +322,29 @@ def test_compress_codes_the_test_maps_at_the_priors_nll(tmp_path: Path) -> None:
         # Within 0.5% of the prior's NLL, plus the header, a CRC a block and of the stream.
         fixed = 42 + 4 * -(-level["maps"] // 128) + 8
         assert level["bytes"] <= 1.005 * level["nll_bits_per_map"] * level["maps"] / 8 + fixed
+
+
+@needs_mnist
+def test_a_prior_checkpoint_of_the_old_loop_resumes_at_its_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Stopped at the prior's step 1 (after the VQ-VAE's 3 steps), then its checkpoint
+    # rewritten as 0.2's own loop saved it: a step and a curve in bits per code.
+    monkeypatch.setattr(vp, "StopFlag", lambda: _StopAtPoll(1, start=3))
+    assert _run(tmp_path) == 0
+    path = tmp_path / "prior_top.ckpt.pt"
+    ckpt = files.load_checkpoint(path)
+    assert ckpt["step"] == 1
+    old = {k: ckpt[k] for k in ("identity", "model", "optimizer", "rng_cpu", "step")}
+    old["curve"] = [{"step": s, "bits_per_code": v / math.log(2)} for s, v in ckpt["train_curve"]]
+    files.save_checkpoint(path, old)
+    capsys.readouterr()
+    monkeypatch.setattr(vp, "StopFlag", files.StopFlag)
+    assert _run(tmp_path, "--resume") == 0
+    assert "an earlier version of this example: resuming at step 1" in capsys.readouterr().out
+    (prior,) = json.loads((tmp_path / "metrics.json").read_text())["priors"]
+    assert prior["steps"] == 3 and [p["step"] for p in prior["train_curve"]] == [1, 2, 3]
+    assert prior["train_curve"][0]["bits_per_code"] == pytest.approx(
+        old["curve"][0]["bits_per_code"]
+    )
+    assert [t["step"] for t in prior["test_curve"]] == [3]
