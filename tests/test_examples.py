@@ -26,8 +26,11 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import files  # noqa: E402
+import mnist_binary  # noqa: E402
+import mnist_color  # noqa: E402
 import mnist_common as mc  # noqa: E402
 import mnist_data as md  # noqa: E402
+import mnist_gray  # noqa: E402
 import train  # noqa: E402
 
 REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -209,7 +212,7 @@ def test_pickle_reader_admits_arrays_only(tmp_path: Path) -> None:
 
 
 def run_binary(out: Path, data_args: list[str], *extra: str) -> int:
-    return mc.run(mc.BINARY, "test", [*data_args, *TINY, "--out-dir", str(out), *extra])
+    return mc.run(mnist_binary.BINARY, "test", [*data_args, *TINY, "--out-dir", str(out), *extra])
 
 
 def test_smoke_run_writes_every_output(tmp_path: Path, data_args: list[str]) -> None:
@@ -289,7 +292,7 @@ def test_resume_from_another_config_is_refused(
 ) -> None:
     assert run_binary(tmp_path, data_args, "--max-steps", "1") == 0
     code = mc.run(
-        mc.BINARY,
+        mnist_binary.BINARY,
         "test",
         [*data_args, *TINY, "--hidden-channels", "16", "--out-dir", str(tmp_path), "--resume"],
     )
@@ -307,7 +310,7 @@ def test_resume_without_checkpoint(
 
 def test_color_example_smoke(tmp_path: Path, data_args: list[str]) -> None:
     code = mc.run(
-        mc.COLOR,
+        mnist_color.COLOR,
         "test",
         [
             *data_args,
@@ -330,19 +333,19 @@ def test_color_example_smoke(tmp_path: Path, data_args: list[str]) -> None:
 
 def test_color_example_with_the_mixture_head(tmp_path: Path, data_args: list[str]) -> None:
     args = [*data_args, *TINY, "--head", "dmol", "--num-mixtures", "2", "--out-dir", str(tmp_path)]
-    assert mc.run(mc.COLOR, "test", [*args, "--max-steps", "2"]) == 0
+    assert mc.run(mnist_color.COLOR, "test", [*args, "--max-steps", "2"]) == 0
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     model = ckpt["identity"]["model"]
     assert model["head"] == "dmol" and model["num_mixtures"] == 2
     assert model["color_groups"] is None  # the head's choice: one group, channels coupled
-    assert mc.run(mc.COLOR, "test", [*args, "--max-steps", "3", "--resume"]) == 0
+    assert mc.run(mnist_color.COLOR, "test", [*args, "--max-steps", "3", "--resume"]) == 0
     assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_0_1_checkpoint_identity_still_resumes(tmp_path: Path) -> None:
     current = mc.run_identity(
-        mc.BINARY,
-        mc.make_parser(mc.BINARY, "t").parse_args([]),
+        mnist_binary.BINARY,
+        mc.make_parser(mnist_binary.BINARY, "t").parse_args([]),
         mc.PixelCNN(1, 2).config.to_dict(),
         1,
     )
@@ -362,7 +365,7 @@ def test_trains_from_a_course_pickle(tmp_path: Path) -> None:
     path = tmp_path / "mnist.pkl"
     path.write_bytes(pickle.dumps(data))
     code = mc.run(
-        mc.BINARY,
+        mnist_binary.BINARY,
         "test",
         ["--pickle", str(path), *TINY, "--out-dir", str(tmp_path / "o"), "--max-steps", "1"],
     )
@@ -371,7 +374,7 @@ def test_trains_from_a_course_pickle(tmp_path: Path) -> None:
 
 def test_bad_flags_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        mc.run(mc.BINARY, "test", ["--max-steps", "0"])
+        mc.run(mnist_binary.BINARY, "test", ["--max-steps", "0"])
     assert "--max-steps must be >= 1, but got 0" in capsys.readouterr().err
 
 
@@ -461,10 +464,17 @@ def test_conditional_grid_has_a_row_per_class(monkeypatch: pytest.MonkeyPatch) -
         mc, "save_grid", lambda path, images, levels, rows, title: grids.append((images, rows))
     )
     model = mc.GatedPixelCNN(1, 2, hidden_channels=4, num_layers=1, kernel_size=3, num_classes=10)
-    args = mc.make_parser(mc.BINARY, "t").parse_args(["--conditional", "--num-samples", "30"])
+    args = mc.make_parser(mnist_binary.BINARY, "t").parse_args(
+        ["--conditional", "--num-samples", "30"]
+    )
     test = torch.zeros(10, 1, 28, 28, dtype=torch.uint8)
     mc.write_images(
-        model, mc.Split(test, torch.arange(10)), mc.BINARY, args, torch.device("cpu"), Path(".")
+        model,
+        mc.Split(test, torch.arange(10)),
+        mnist_binary.BINARY,
+        args,
+        torch.device("cpu"),
+        Path("."),
     )
     images, rows = grids[0]
     assert images.shape[0] == 30 and rows == 10  # 3 per class, row r = class r
@@ -472,7 +482,7 @@ def test_conditional_grid_has_a_row_per_class(monkeypatch: pytest.MonkeyPatch) -
 
 def test_gray_example_with_the_mixture_head(tmp_path: Path, data_args: list[str]) -> None:
     args = [*data_args, *TINY, "--head", "dmol", "--num-mixtures", "2", "--out-dir", str(tmp_path)]
-    assert mc.run(mc.GRAY, "test", [*args, "--max-steps", "2", "--num-samples", "4"]) == 0
+    assert mc.run(mnist_gray.GRAY, "test", [*args, "--max-steps", "2", "--num-samples", "4"]) == 0
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert (
         ckpt["identity"]["architecture"] == "gated" and ckpt["identity"]["model"]["levels"] == 256
@@ -483,11 +493,11 @@ def test_color_groups_flag(
     tmp_path: Path, data_args: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = [*data_args, *TINY, "--hidden-channels", "12", "--out-dir", str(tmp_path)]
-    assert mc.run(mc.COLOR, "t", [*args, "--color-groups", "1", "--max-steps", "1"]) == 0
+    assert mc.run(mnist_color.COLOR, "t", [*args, "--color-groups", "1", "--max-steps", "1"]) == 0
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["identity"]["model"]["color_groups"] == 1
     with pytest.raises(SystemExit):
-        mc.run(mc.COLOR, "t", [*args, "--color-groups", "2"])
+        mc.run(mnist_color.COLOR, "t", [*args, "--color-groups", "2"])
     assert "--color-groups must divide the 3 channels, but got 2" in capsys.readouterr().err
 
 
@@ -496,7 +506,9 @@ def test_conditional_needs_labels(tmp_path: Path, capsys: pytest.CaptureFixture[
     data = {"train": np.zeros((4, 28, 28, 1), np.uint8), "test": np.zeros((4, 28, 28, 1), np.uint8)}
     path.write_bytes(pickle.dumps(data))
     code = mc.run(
-        mc.BINARY, "t", ["--pickle", str(path), "--conditional", "--out-dir", str(tmp_path)]
+        mnist_binary.BINARY,
+        "t",
+        ["--pickle", str(path), "--conditional", "--out-dir", str(tmp_path)],
     )
     assert code == 2
     assert "the course's pickles carry no class labels" in capsys.readouterr().err
@@ -665,7 +677,7 @@ def test_every_flag_is_checked_up_front(
 ) -> None:
     # Issue 20, item 10: these trained by gradient ascent, never trained, or gave tracebacks.
     with pytest.raises(SystemExit):
-        mc.run(mc.BINARY, "test", flags)
+        mc.run(mnist_binary.BINARY, "test", flags)
     assert message in capsys.readouterr().err
 
 
@@ -673,7 +685,7 @@ def test_colour_flags_that_do_not_split_into_groups_are_refused(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     with pytest.raises(SystemExit):
-        mc.run(mc.COLOR, "test", ["--hidden-channels", "8"])
+        mc.run(mnist_color.COLOR, "test", ["--hidden-channels", "8"])
     assert "hidden_channels must be divisible by color_groups=3" in capsys.readouterr().err
 
 
@@ -682,7 +694,7 @@ def test_a_data_dir_that_is_a_file_is_refused(
 ) -> None:
     (tmp_path / "f").write_text("x")
     with pytest.raises(SystemExit):
-        mc.run(mc.BINARY, "test", ["--data-dir", str(tmp_path / "f")])
+        mc.run(mnist_binary.BINARY, "test", ["--data-dir", str(tmp_path / "f")])
     assert "--data-dir must be a directory" in capsys.readouterr().err
 
 
