@@ -815,24 +815,30 @@ def _train_prior(
         trainer.resume(upgrade=lambda saved: _upgrade_prior_checkpoint(saved, per_epoch))
     if trainer.fit(stop):
         raise _Stopped(trainer.stopped_by or "a signal", stage)
-    dims = size[0] * size[1]
+    entry = _prior_metrics(trainer, size)
+    metrics["priors"].append(entry)
+    print(
+        f"{name} prior: test NLL {entry['test_nll_bits_per_code']:.4f} bits per code, "
+        f"{entry['test_nll_bits_per_map']:.2f} bits per map"
+    )
+    return prior.eval()
+
+
+def _prior_metrics(trainer: Trainer, size: tuple[int, int]) -> dict[str, Any]:
+    """A trained prior's entry in ``metrics.json``: its test NLL and curves, in bits."""
     bits = trainer.test_nll() / math.log(2)  # per code
     state = trainer.state
-    metrics["priors"].append(
-        {
-            "map": list(size),
-            "steps": state["step"],
-            "test_nll_bits_per_code": bits,
-            "test_nll_bits_per_map": bits * dims,
-            "train_curve": [
-                {"step": step, "bits_per_code": nats / math.log(2)}
-                for step, nats in state["train_curve"]
-            ],
-            "test_curve": state["test_curve"],
-        }
-    )
-    print(f"{name} prior: test NLL {bits:.4f} bits per code, {bits * dims:.2f} bits per map")
-    return prior.eval()
+    return {
+        "map": list(size),
+        "steps": state["step"],
+        "test_nll_bits_per_code": bits,
+        "test_nll_bits_per_map": bits * size[0] * size[1],
+        "train_curve": [
+            {"step": step, "bits_per_code": nats / math.log(2)}
+            for step, nats in state["train_curve"]
+        ],
+        "test_curve": state["test_curve"],
+    }
 
 
 def _upgrade_prior_checkpoint(saved: dict[str, Any], steps_per_epoch: int) -> dict[str, Any]:
