@@ -52,7 +52,16 @@ from files import (
 from mnist_common import HelpFormatter
 from mnist_data import load_mnist
 from plots import save_grid, save_png
-from train import LogProb, Recipe, Split, Trainer, evaluate, keep_freed_memory, pick_device
+from train import (
+    LogProb,
+    Recipe,
+    Split,
+    Trainer,
+    check_identity,
+    evaluate,
+    keep_freed_memory,
+    pick_device,
+)
 
 from maskedconv import GatedPixelCNN, PixelCNN
 
@@ -340,20 +349,6 @@ def _batch(step: int, n: int, batch_size: int, seed: int) -> Tensor:
     return order[i * batch_size : (i + 1) * batch_size]
 
 
-def _check_identity(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    if saved == current:
-        return
-    diffs = [
-        f"{key}={saved.get(key)!r} (this run: {current.get(key)!r})"
-        for key in sorted(set(saved) | set(current))
-        if saved.get(key) != current.get(key)
-    ]
-    raise DataError(
-        f"checkpoint {path} is from another configuration: {', '.join(diffs)}; pass the same "
-        f"flags, or choose another --out-dir"
-    )
-
-
 def train_stage(
     stage: Stage,
     model: nn.Module,
@@ -375,7 +370,7 @@ def train_stage(
         saved = load_checkpoint(
             stage.path, ("identity", "model", "optimizer", "rng_cpu", "step", "curve")
         )
-        _check_identity(saved["identity"], stage.identity, stage.path)
+        check_identity(saved["identity"], stage.identity, stage.path)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng_cpu"])

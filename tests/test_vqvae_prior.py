@@ -274,7 +274,7 @@ def test_reruns_and_resumes_that_do_not_fit_are_refused(
     )
     assert _run(tmp_path, "--resume", "--codebook-size", "32") == 2
     err = capsys.readouterr().err
-    assert "is from another configuration" in err and "'codebook_size': 16" in err
+    assert "is from another configuration" in err and "codebook_size=16 (this run: 32)" in err
 
 
 def test_missing_data_and_bad_flags_are_one_line_errors(
