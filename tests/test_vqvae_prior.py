@@ -21,6 +21,7 @@ pytest.importorskip("vector_quantize_pytorch", reason="the examples extra is not
 
 import files  # noqa: E402
 import mnist_data as md  # noqa: E402
+import vqvae_common as vc  # noqa: E402
 import vqvae_prior as vp  # noqa: E402
 
 REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -88,8 +89,8 @@ def test_the_default_prior_sees_every_earlier_code_of_a_7x7_map() -> None:
     # The default depth and kernel (the width does not change what can be seen; at 16
     # no ReLU silences a path at the measured input).
     torch.manual_seed(0)
-    args = vp.make_parser().parse_args(["--prior-channels", "16"])
-    prior = vp.make_prior(vp.VQVAEConfig(codebook_size=8), 0, args)
+    args = vc.make_parser(vp.PRIOR, "").parse_args(["--prior-channels", "16"])
+    prior = vc.make_prior(vc.VQVAEConfig(codebook_size=8), 0, args)
     for i in range(7):
         for j in range(7):
             seen = receptive_field(prior, (1, 7, 7), (i, j), labels=torch.zeros(1).long())[0]
@@ -112,14 +113,18 @@ def test_the_bottom_nll_conditions_each_map_on_its_own_top_map() -> None:
 
     with torch.no_grad():
         lp = prior.log_prob(bottoms[:, None], labels=labels, cond=cond(tops))
-    got = vp.prior_nll(prior, bottoms, labels, tops, cond, 3, torch.device("cpu"))
+    got = vc.prior_nll(prior, bottoms, labels, tops, cond, 3, torch.device("cpu"))
     assert got == pytest.approx(-lp.mean().item() / math.log(2), rel=1e-6)
-    shuffled = vp.prior_nll(prior, bottoms, labels, tops.roll(1, 0), cond, 3, torch.device("cpu"))
+    shuffled = vc.prior_nll(prior, bottoms, labels, tops.roll(1, 0), cond, 3, torch.device("cpu"))
     assert shuffled != pytest.approx(got, rel=1e-3)  # the top maps matter
 
 
+def _main(argv: list[str]) -> int:
+    return vc.run(vp.PRIOR, "", argv)
+
+
 def _run(out: Path, *extra: str) -> int:
-    return vp.run([*TINY, "--out-dir", str(out), *extra])
+    return _main([*TINY, "--out-dir", str(out), *extra])
 
 
 class _StopAtPoll(files.StopFlag):
@@ -165,21 +170,21 @@ def test_stopped_in_each_stage_and_resumed_equals_a_straight_run(
     capsys.readouterr()
 
     # Stopped at step 2 of stage 1 (3 steps each): no codes, no prior, no outputs yet.
-    monkeypatch.setattr(vp, "StopFlag", lambda: _StopAtPoll(2))
+    monkeypatch.setattr(vc, "StopFlag", lambda: _StopAtPoll(2))
     assert _run(stopped) == 0
     assert "stopped by SIGINT in stage 1: VQ-VAE" in capsys.readouterr().out
     assert files.load_checkpoint(stopped / "vqvae.ckpt.pt")["step"] == 2
     assert not (stopped / "codes.pt").exists() and not (stopped / "models.pt").exists()
 
     # Resumed: stage 1's last step (poll 1), then stopped at the prior's step 2 (poll 3).
-    monkeypatch.setattr(vp, "StopFlag", lambda: _StopAtPoll(3))
+    monkeypatch.setattr(vc, "StopFlag", lambda: _StopAtPoll(3))
     assert _run(stopped, "--resume") == 0
     assert "stopped by SIGINT in stage 2" in capsys.readouterr().out
     assert files.load_checkpoint(stopped / "prior_top.ckpt.pt")["step"] == 2
     assert (stopped / "codes.pt").exists() and not (stopped / "models.pt").exists()
 
     # Resumed again: the prior's last step, then stage 3.
-    monkeypatch.setattr(vp, "StopFlag", files.StopFlag)
+    monkeypatch.setattr(vc, "StopFlag", files.StopFlag)
     assert _run(stopped, "--resume") == 0
     assert _same(_models(stopped / "models.pt"), _models(straight / "models.pt"))
     a = json.loads((straight / "metrics.json").read_text())
@@ -281,7 +286,7 @@ def test_missing_data_and_bad_flags_are_one_line_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--data-dir", str(tmp_path / "none"), "--no-download", "--out-dir", str(tmp_path)]
-    assert vp.run(argv) == 2
+    assert _main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: MNIST file") and err.count("\n") == 1
     for flag, value, message in [
@@ -293,7 +298,7 @@ def test_missing_data_and_bad_flags_are_one_line_errors(
         ("--hierarchy", "3", "invalid choice: 3"),
     ]:
         with pytest.raises(SystemExit):
-            vp.run([flag, value])
+            _main([flag, value])
         assert message in capsys.readouterr().err
 
 
@@ -330,7 +335,7 @@ def test_a_prior_checkpoint_of_the_old_loop_resumes_at_its_step(
 ) -> None:
     # Stopped at the prior's step 1 (after the VQ-VAE's 3 steps), then its checkpoint
     # rewritten as 0.2's own loop saved it: a step and a curve in bits per code.
-    monkeypatch.setattr(vp, "StopFlag", lambda: _StopAtPoll(1, start=3))
+    monkeypatch.setattr(vc, "StopFlag", lambda: _StopAtPoll(1, start=3))
     assert _run(tmp_path) == 0
     path = tmp_path / "prior_top.ckpt.pt"
     ckpt = files.load_checkpoint(path)
@@ -339,7 +344,7 @@ def test_a_prior_checkpoint_of_the_old_loop_resumes_at_its_step(
     old["curve"] = [{"step": s, "bits_per_code": v / math.log(2)} for s, v in ckpt["train_curve"]]
     files.save_checkpoint(path, old)
     capsys.readouterr()
-    monkeypatch.setattr(vp, "StopFlag", files.StopFlag)
+    monkeypatch.setattr(vc, "StopFlag", files.StopFlag)
     assert _run(tmp_path, "--resume") == 0
     assert "an earlier version of this example: resuming at step 1" in capsys.readouterr().out
     (prior,) = json.loads((tmp_path / "metrics.json").read_text())["priors"]
@@ -348,3 +353,17 @@ def test_a_prior_checkpoint_of_the_old_loop_resumes_at_its_step(
         old["curve"][0]["bits_per_code"]
     )
     assert [t["step"] for t in prior["test_curve"]] == [3]
+
+
+def test_the_experiment_file_runs_as_a_script_with_its_defaults() -> None:
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "vqvae_prior.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "A PixelCNN prior over the discrete codes of a VQ-VAE" in done.stdout
+    # The defaults shown are the experiment's.
+    assert f"(default: {vp.PRIOR.prior_steps})" in done.stdout.split("--prior-steps")[-1]
+    assert f"(default: {vp.PRIOR.codebook_size})" in done.stdout.split("--codebook-size")[-1]
