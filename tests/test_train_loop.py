@@ -182,3 +182,33 @@ def test_a_non_finite_loss_stops_before_its_weights_are_saved(tmp_path: Path) ->
     finally:
         stop.close()
     assert (tmp_path / "checkpoint.pt").read_bytes() == saved
+
+
+def test_compile_wraps_the_objective_and_trains_as_eager(tmp_path: Path) -> None:
+    # --compile compiles the loop's objective (the model's log_prob): the model itself is
+    # left as it is (no method replaced), and training follows eager's.
+    from maskedconv import PixelCNN
+
+    torch._dynamo.reset()
+    x = torch.randint(0, 2, (64, 1, 8, 8))
+    curves = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = PixelCNN(1, 2, hidden_channels=8, num_layers=2, kernel_size=3)
+        trainer = train.Trainer(
+            model,
+            train.Split(x),
+            train.Split(x[:16]),
+            train.Recipe(epochs=1, batch_size=16, lr=1e-2, max_steps=3, compile=compiled),
+            checkpoint=tmp_path / f"{compiled}.pt",
+            identity={},
+            device=torch.device("cpu"),
+        )
+        stop = files.StopFlag()
+        try:
+            trainer.fit(stop)
+        finally:
+            stop.close()
+        assert "forward_features" not in vars(model) and "log_prob" not in vars(model)
+        curves.append([value for _, value in trainer.state["train_curve"]])
+    assert curves[1] == pytest.approx(curves[0], rel=1e-4)
