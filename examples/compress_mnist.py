@@ -30,8 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from files import DataError, atomic_write_bytes
+from files import DataError, StopFlag, atomic_write_bytes
 from mnist_data import binarize, load_mnist
+from torch import Tensor
+from train import LogProb, Recipe, Split, Trainer, evaluate
 
 from maskedconv import GatedPixelCNN, PixelCNN, codec
 
@@ -79,30 +81,29 @@ def load_model(folder: Path) -> PixelCNN | GatedPixelCNN:
     return model
 
 
-def train(train_images: torch.Tensor, steps: int, seed: int) -> PixelCNN:
-    """The blog's model and recipe (Adam 1e-3, batch 128, clipping at 1), ``steps`` steps."""
+def train_model(train_images: Tensor, test: Tensor, steps: int, seed: int, out: Path) -> Trainer:
+    """The blog's model and recipe (Adam 1e-3, batch 128, clipping at 1) for ``steps``
+    steps, on the examples' training loop; the model is kept in OUT/model for --model."""
     torch.manual_seed(seed)
     model = PixelCNN(1, 2, hidden_channels=64, num_layers=5)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for step in range(1, steps + 1):
-        batch = train_images[torch.randint(len(train_images), (128,), generator=generator)]
-        loss = -model.log_prob(batch.long()).mean() / (28 * 28)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step % 50 == 0 or step == steps:
-            print(f"training step {step}/{steps}: {loss.item():.4f} nats/dim", flush=True)
-    return model
-
-
-@torch.no_grad()
-def nll_bits(model: PixelCNN | GatedPixelCNN, images: torch.Tensor) -> float:
-    total = 0.0
-    for part in images.split(500):
-        total -= float(model.log_prob(part.long()).double().sum())
-    return total / math.log(2)
+    per_epoch = len(train_images) // 128
+    trainer = Trainer(
+        model,
+        Split(train_images),
+        Split(test),
+        Recipe(epochs=math.ceil(steps / per_epoch), batch_size=128, lr=1e-3, max_steps=steps),
+        checkpoint=out / "train.ckpt.pt",
+        identity={"steps": steps, "seed": seed},
+        device=torch.device("cpu"),
+    )
+    stop = StopFlag()
+    try:
+        if trainer.fit(stop):
+            raise DataError(f"stopped by {trainer.stopped_by} while training; nothing was coded")
+    finally:
+        stop.close()
+    model.save_pretrained(out / "model")
+    return trainer
 
 
 def baselines(images: np.ndarray) -> dict[str, int]:
@@ -136,21 +137,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     test = torch.from_numpy(binarize(mnist["test"])[: args.images, None].copy())
-    if args.model is not None:
-        model = load_model(Path(args.model))
-    else:
-        model = train(
-            torch.from_numpy(binarize(mnist["train"])[:, None].copy()), args.train_steps, args.seed
-        )
-    model.eval()
+    out = Path(args.out_dir)
     dims = test.numel()
-    nll = nll_bits(model, test)
+    if args.model is not None:
+        model = load_model(Path(args.model)).eval()
+        nll = evaluate(LogProb(model), Split(test), 500, torch.device("cpu")) * dims / math.log(2)
+    else:
+        train_images = torch.from_numpy(binarize(mnist["train"])[:, None].copy())
+        try:
+            trainer = train_model(train_images, test, args.train_steps, args.seed, out)
+        except DataError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        model = trainer.model.eval()  # type: ignore[assignment]
+        nll = trainer.test_nll() * dims / math.log(2)
 
     started = time.perf_counter()
     data = codec.encode(model, test, block_size=args.block_size, progress=True)
     encode_s = time.perf_counter() - started
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "test_images.mcz", data)
     started = time.perf_counter()
     decoded = codec.decode(model, (out / "test_images.mcz").read_bytes(), progress=True)

@@ -25,7 +25,15 @@ from files import DataError, StopFlag, prepare_out_dir
 from mnist_data import binarize, load_mnist, load_pickle
 from plots import save_grid
 from torch import Tensor
-from train import Dist, Recipe, Split, Trainer, keep_freed_memory, setup_distributed
+from train import (
+    Dist,
+    Recipe,
+    Split,
+    Trainer,
+    keep_freed_memory,
+    setup_distributed,
+    torch_threads,
+)
 
 from maskedconv import GatedPixelCNN, PixelCNN, set_conv_autotune
 
@@ -309,17 +317,14 @@ def run(exp: Experiment, description: str, argv: list[str] | None = None) -> int
     args = parser.parse_args(argv)
     check_args(exp, parser, args)
     autotune = set_conv_autotune(args.autotune)
-    threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     try:
-        return _train(exp, args)
+        with torch_threads(args.threads):
+            return _train(exp, args)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    finally:  # as they were, for a caller in the same process
+    finally:  # as it was, for a caller in the same process
         set_conv_autotune(autotune)
-        torch.set_num_threads(threads)
 
 
 def recipe(args: argparse.Namespace) -> Recipe:

@@ -57,7 +57,14 @@ def test_a_gated_model_and_one_trained_here_work_too(tmp_path: Path) -> None:
         == 0
     )
     assert cm.main([*DATA, "--train-steps", "1", "--images", "3", "--out-dir", str(out)]) == 0
-    assert json.loads((out / "results.json").read_text())["decoded_exactly"] == 3
+    results = json.loads((out / "results.json").read_text())
+    assert results["decoded_exactly"] == 3
+    # Trained on the examples' loop, the model is kept for --model; the same NLL again.
+    assert (
+        cm.main([*DATA, "--model", str(out / "model"), "--images", "3", "--out-dir", str(out)]) == 0
+    )
+    again = json.loads((out / "results.json").read_text())
+    assert again["nll_bits"] == pytest.approx(results["nll_bits"], rel=1e-6)
 
 
 @pytest.mark.parametrize(

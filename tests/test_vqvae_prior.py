@@ -296,6 +296,7 @@ def test_missing_data_and_bad_flags_are_one_line_errors(
         ("--order", "zigzag", "invalid choice: 'zigzag'"),
         ("--temperature", "0", "--temperature must be > 0, but got 0.0"),
         ("--hierarchy", "3", "invalid choice: 3"),
+        ("--threads", "0", "--threads must be >= 1, but got 0"),
     ]:
         with pytest.raises(SystemExit):
             _main([flag, value])
