@@ -978,10 +978,15 @@ def save_curves(path: Path, metrics: dict[str, Any]) -> None:
             line = right.plot(
                 [p["step"] for p in curve], [p["bits_per_code"] for p in curve], lw=0.8, label=label
             )
-            right.axhline(
-                prior["test_nll_bits_per_code"], ls="--", color=line[0].get_color(), lw=0.8
+            color = line[0].get_color()
+            right.axhline(prior["test_nll_bits_per_code"], ls="--", color=color, lw=0.8)
+            test = prior.get("test_curve", [])
+            right.plot(
+                [t["step"] for t in test], [t["bits_per_dim"] for t in test], "o", color=color
             )
-    right.set(xlabel="step", ylabel="bits per code", title="stage 2: prior NLL (dashed: test)")
+    right.set(
+        xlabel="step", ylabel="bits per code", title="stage 2: prior NLL (dots, dashed: test)"
+    )
     right.legend()
     fig.tight_layout()
     save_png(fig, path)
