@@ -10,8 +10,9 @@ NLL after each epoch, and the curves. A run reads top to bottom::
         trainer.resume()
     stopped = trainer.fit(stop)
 
-Used by the MNIST examples (``mnist_common.py``) and by the VQ-VAE prior example's prior
-stage. It uses only maskedconv's public API (none at all, in fact: any model will do).
+Used by the MNIST examples (``mnist_common.py``), the VQ-VAE prior example's prior stage
+and ``compress_mnist.py --train-steps``. It needs nothing of maskedconv: any model will do
+(``tests/test_train_loop.py`` trains one of its own).
 """
 
 from __future__ import annotations
