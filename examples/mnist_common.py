@@ -171,6 +171,13 @@ def _recipe_flags(p: argparse.ArgumentParser, exp: Experiment) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
     p.add_argument(
+        "--save-every",
+        type=int,
+        default=None,
+        help="also checkpoint every N steps (default: after each epoch only); a crash then "
+        "loses at most N steps",
+    )
+    p.add_argument(
         "--amp", action="store_true", help="bf16 autocast on GPU (the loss stays float32)"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -259,8 +266,10 @@ def check_args(exp: Experiment, parser: argparse.ArgumentParser, args: argparse.
     for name in ("epochs", "batch_size", "eval_batch_size", "num_samples", "num_mixtures"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, but got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error(f"--max-steps must be >= 1, but got {args.max_steps}")
+    for name in ("max_steps", "save_every"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, but got {value}")
     for name in ("lr", "clip"):
         value = getattr(args, name)
         if not (value > 0 and math.isfinite(value)):
@@ -339,6 +348,7 @@ def recipe(args: argparse.Namespace) -> Recipe:
         compile=args.compile,
         num_workers=args.num_workers,
         eval_batch_size=args.eval_batch_size,
+        save_every=args.save_every,
     )
 
 

@@ -266,6 +266,34 @@ def test_resume_continues_exactly(tmp_path: Path, data_args: list[str]) -> None:
     assert a["train_curve"] == b["train_curve"]
 
 
+def test_save_every_survives_a_crash_mid_epoch(
+    tmp_path: Path, data_args: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --save-every 2, then a hard crash (not a signal) in step 3: the checkpoint of step 2
+    # is there, and resuming it ends where a straight run ends.
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert run_binary(straight, data_args, "--max-steps", "4") == 0
+    step = train.Trainer._step
+
+    def crash_at_3(self: train.Trainer, *args: torch.Tensor | None) -> float:
+        if self.state["step"] == 2:
+            raise RuntimeError("the machine went down")
+        return step(self, *args)
+
+    monkeypatch.setattr(train.Trainer, "_step", crash_at_3)
+    with pytest.raises(RuntimeError, match="went down"):
+        run_binary(crashed, data_args, "--max-steps", "4", "--save-every", "2")
+    assert files.load_checkpoint(crashed / "checkpoint.pt")["step"] == 2
+    monkeypatch.setattr(train.Trainer, "_step", step)
+    assert run_binary(crashed, data_args, "--max-steps", "4", "--resume") == 0
+    a = files.load_checkpoint(straight / "checkpoint.pt")
+    b = files.load_checkpoint(crashed / "checkpoint.pt")
+    assert a["step"] == b["step"] == 4 and a["train_curve"] == b["train_curve"]
+    for name, value in a["model"].items():
+        same = torch.equal(value, b["model"][name]) if torch.is_tensor(value) else None
+        assert same if same is not None else value == b["model"][name], name
+
+
 def test_channels_last_and_autotune_change_the_speed_not_the_run(
     tmp_path: Path, data_args: list[str]
 ) -> None:
