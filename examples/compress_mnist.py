@@ -83,7 +83,15 @@ def load_model(folder: Path) -> PixelCNN | GatedPixelCNN:
 
 def train_model(train_images: Tensor, test: Tensor, steps: int, seed: int, out: Path) -> Trainer:
     """The blog's model and recipe (Adam 1e-3, batch 128, clipping at 1) for ``steps``
-    steps, on the examples' training loop; the model is kept in OUT/model for --model."""
+    steps, on the examples' training loop; the model is kept in OUT/model for --model.
+
+    A model trained earlier in ``out`` is not written over. The loop's checkpoint is
+    removed once the model is saved (this script does not resume a training)."""
+    if (out / "model").exists():
+        raise DataError(
+            f"--out-dir {out} holds a model trained earlier ({out / 'model'}): code with it "
+            f"(--model {out / 'model'}), or choose another --out-dir"
+        )
     torch.manual_seed(seed)
     model = PixelCNN(1, 2, hidden_channels=64, num_layers=5)
     per_epoch = len(train_images) // 128
@@ -103,6 +111,7 @@ def train_model(train_images: Tensor, test: Tensor, steps: int, seed: int, out: 
     finally:
         stop.close()
     model.save_pretrained(out / "model")
+    trainer.checkpoint.unlink(missing_ok=True)
     return trainer
 
 

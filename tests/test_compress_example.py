@@ -65,6 +65,11 @@ def test_a_gated_model_and_one_trained_here_work_too(tmp_path: Path) -> None:
     )
     again = json.loads((out / "results.json").read_text())
     assert again["nll_bits"] == pytest.approx(results["nll_bits"], rel=1e-6)
+    assert not (out / "train.ckpt.pt").exists()  # the loop's checkpoint, removed
+    # Training again into the same folder would write over that model: refused.
+    before = (out / "model" / "model.safetensors").read_bytes()
+    assert cm.main([*DATA, "--train-steps", "1", "--images", "3", "--out-dir", str(out)]) == 2
+    assert (out / "model" / "model.safetensors").read_bytes() == before
 
 
 @pytest.mark.parametrize(
