@@ -94,12 +94,11 @@ def train_model(train_images: Tensor, test: Tensor, steps: int, seed: int, out: 
         )
     torch.manual_seed(seed)
     model = PixelCNN(1, 2, hidden_channels=64, num_layers=5)
-    per_epoch = len(train_images) // 128
     trainer = Trainer(
         model,
         Split(train_images),
         Split(test),
-        Recipe(epochs=math.ceil(steps / per_epoch), batch_size=128, lr=1e-3, max_steps=steps),
+        Recipe(epochs=None, batch_size=128, lr=1e-3, max_steps=steps),
         checkpoint=out / "train.ckpt.pt",
         identity={"steps": steps, "seed": seed},
         device=torch.device("cpu"),

@@ -66,10 +66,11 @@ class Model(Protocol):
 
 @dataclass(frozen=True)
 class Recipe:
-    """The training recipe. ``max_steps`` ends a run early (smoke runs); ``save_every``
-    checkpoints every so many steps as well as after each epoch."""
+    """The training recipe. ``max_steps`` ends a run early (smoke runs), or alone sets its
+    length (``epochs=None``: the epochs it takes); ``save_every`` checkpoints every so many
+    steps as well as after each epoch."""
 
-    epochs: int
+    epochs: int | None
     batch_size: int  # per process
     lr: float
     clip: float = 1.0  # gradient norm clipping
@@ -359,6 +360,13 @@ class Trainer:
                 f"--batch-size {recipe.batch_size} is larger than the {len(self.sampler)} "
                 f"training examples per process"
             )
+        # The run's length in epochs: the recipe's, or as many as max_steps takes.
+        if recipe.epochs is not None:
+            self.epochs = recipe.epochs
+        elif recipe.max_steps is not None:
+            self.epochs = math.ceil(recipe.max_steps / self.steps_per_epoch)
+        else:
+            raise ValueError("a recipe needs epochs or max_steps, but got neither")
         self.dims = math.prod(train.x.shape[1:])
 
     def resume(
@@ -396,7 +404,7 @@ class Trainer:
     def fit(self, stop: StopFlag) -> bool:
         """Train to the end of the run; True if a signal stopped it (in any process)."""
         stopped = False
-        while self.state["epoch"] < self.recipe.epochs and not self.reached_max() and not stopped:
+        while self.state["epoch"] < self.epochs and not self.reached_max() and not stopped:
             stopped = self._epoch(stop)
             if self.state["batch_in_epoch"] >= self.steps_per_epoch:
                 self.state["epoch"] += 1
@@ -439,7 +447,7 @@ class Trainer:
         bar = tqdm(
             total=state["batch_in_epoch"] + len(loader),
             initial=state["batch_in_epoch"],
-            desc=f"{self.name}epoch {state['epoch'] + 1}/{self.recipe.epochs}",
+            desc=f"{self.name}epoch {state['epoch'] + 1}/{self.epochs}",
             disable=not d.main,
             dynamic_ncols=True,
         )

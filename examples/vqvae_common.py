@@ -817,13 +817,12 @@ def _train_prior(
     # A level's maps, with their labels and the top maps that condition them.
     train, test = codes["train"], codes["test"]
     n_train, n_test = len(train[0]), len(test[0])
-    per_epoch = n_train // args.batch_size
     trainer = Trainer(
         prior,
         Split(train[level][:, None], data.train_labels[:n_train], train[0]),
         Split(test[level][:, None], data.test_labels[:n_test], test[0]),
         Recipe(
-            epochs=math.ceil(steps / max(1, per_epoch)),
+            epochs=None,  # as many as the steps take
             batch_size=args.batch_size,
             lr=args.prior_lr,
             max_steps=steps,
@@ -838,7 +837,9 @@ def _train_prior(
         name=f"{name} prior: ",
     )
     if stage.path.exists():  # only with --resume: run() refuses the rest
-        trainer.resume(upgrade=lambda saved: _upgrade_prior_checkpoint(saved, per_epoch))
+        trainer.resume(
+            upgrade=lambda saved: _upgrade_prior_checkpoint(saved, trainer.steps_per_epoch)
+        )
     if trainer.fit(stop):
         raise _Stopped(trainer.stopped_by or "a signal", stage)
     entry = _prior_metrics(trainer, size)

@@ -212,3 +212,20 @@ def test_compile_wraps_the_objective_and_trains_as_eager(tmp_path: Path) -> None
         assert "forward_features" not in vars(model) and "log_prob" not in vars(model)
         curves.append([value for _, value in trainer.state["train_curve"]])
     assert curves[1] == pytest.approx(curves[0], rel=1e-4)
+
+
+def test_max_steps_alone_sets_the_length(tmp_path: Path) -> None:
+    # epochs=None: as many epochs as max_steps takes (32 steps an epoch here).
+    trainer = _trainer(tmp_path, PixelTable((1, 2, 2), 3), epochs=None, max_steps=40)  # type: ignore[arg-type]
+    assert trainer.epochs == 2
+    stop = files.StopFlag()
+    try:
+        trainer.fit(stop)
+    finally:
+        stop.close()
+    assert trainer.state["step"] == 40 and [t["step"] for t in trainer.state["test_curve"]] == [
+        32,
+        40,
+    ]
+    with pytest.raises(ValueError, match="needs epochs or max_steps"):
+        _trainer(tmp_path, PixelTable((1, 2, 2), 3), epochs=None)  # type: ignore[arg-type]
