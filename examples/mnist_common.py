@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import train
+import train as loop  # (not "train": the name of a split here)
 from files import DataError, StopFlag, prepare_out_dir
 from mnist_data import binarize, load_mnist, load_pickle
 from plots import save_grid
@@ -30,6 +30,7 @@ from train import (
     Recipe,
     Split,
     Trainer,
+    add_threads_flag,
     keep_freed_memory,
     setup_distributed,
     torch_threads,
@@ -195,13 +196,7 @@ def _recipe_flags(p: argparse.ArgumentParser, exp: Experiment) -> None:
         "from run to run, so a resumed run is no longer bit-identical",
     )
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads (default: torch's, one per core); on a busy or shared CPU, 1 "
-        "is often several times faster",
-    )
+    add_threads_flag(p)
 
 
 def _model_flags(p: argparse.ArgumentParser, exp: Experiment) -> None:
@@ -318,7 +313,7 @@ def check_identity(saved: dict[str, Any], current: dict[str, Any], path: Path) -
         with contextlib.suppress(TypeError, ValueError):
             config_class = MODELS.get(saved["architecture"], PixelCNN).config_class
             saved = {**saved, "model": config_class(**saved["model"]).to_dict()}
-    train.check_identity(saved, current, path)
+    loop.check_identity(saved, current, path)
 
 
 def run(exp: Experiment, description: str, argv: list[str] | None = None) -> int:

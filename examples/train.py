@@ -17,6 +17,7 @@ and ``compress_mnist.py --train-steps``. It needs nothing of maskedconv: any mod
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import ctypes
@@ -46,6 +47,7 @@ __all__ = [
     "Recipe",
     "Split",
     "Trainer",
+    "add_threads_flag",
     "check_identity",
     "evaluate",
     "keep_freed_memory",
@@ -196,6 +198,17 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # glibc's malloc.h
     settings = ((m_mmap_threshold, 32 << 20), (m_trim_threshold, 2**31 - 1), (m_top_pad, 256 << 20))
     return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    """``--threads``, for :func:`torch_threads`."""
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's, one per core); on a busy or shared CPU, 1 "
+        "is often several times faster",
+    )
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ from train import (
     Recipe,
     Split,
     Trainer,
+    add_threads_flag,
     check_identity,
     evaluate,
     keep_freed_memory,
@@ -264,13 +265,7 @@ def make_parser(exp: VQExperiment, description: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--out-dir", default="runs/vqvae_prior", help="checkpoints, PNGs, metrics")
     p.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda:N, mps")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads (default: torch's, one per core); on a busy or shared CPU, 1 "
-        "is often several times faster",
-    )
+    add_threads_flag(p)
     p.add_argument("--seed", type=int, default=exp.seed)
     p.add_argument("--resume", action="store_true", help="continue a stopped run in OUT_DIR")
     p.add_argument(
