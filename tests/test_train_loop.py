@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from example_stops import StopAtPoll
 from torch import Tensor, nn
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -38,23 +39,6 @@ class PixelTable(nn.Module):
             table = table.expand(len(x), *table.shape)
         log_p = table.log_softmax(1).gather(1, x[:, None]).squeeze(1)
         return log_p.flatten(1).sum(1)
-
-
-class StopAt(files.StopFlag):
-    """A Ctrl-C that arrives during the ``n``-th step."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self._n, self._polls = n, 0
-
-    @property  # type: ignore[override]
-    def requested(self) -> str | None:
-        self._polls += 1
-        return "SIGINT" if self._polls == self._n else None
-
-    @requested.setter
-    def requested(self, value: str | None) -> None:
-        pass
 
 
 def _data(n: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -110,7 +94,7 @@ def test_stopped_and_resumed_equals_a_straight_run(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     first = _trainer(tmp_path / "b", PixelTable((1, 2, 2), 3), epochs=2)
-    assert first.fit(StopAt(40)) is True  # in the second epoch
+    assert first.fit(StopAtPoll(40)) is True  # in the second epoch
     assert first.stopped_by == "SIGINT" and first.state["step"] == 40
     again = _trainer(tmp_path / "b", PixelTable((1, 2, 2), 3), epochs=2)
     again.resume()

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from example_stops import StopAtPoll
 from pixelcnn_models import perturb_
 
 from maskedconv import GatedPixelCNN, IncrementalEvaluator, PixelCNN, receptive_field
@@ -127,23 +128,6 @@ def _run(out: Path, *extra: str) -> int:
     return _main([*TINY, "--out-dir", str(out), *extra])
 
 
-class _StopAtPoll(files.StopFlag):
-    """A Ctrl-C that arrives while the ``n``-th training step of this run is taken."""
-
-    def __init__(self, n: int, start: int = 0) -> None:
-        super().__init__()
-        self._n, self._polls = n, -start
-
-    @property  # type: ignore[override]
-    def requested(self) -> str | None:
-        self._polls += 1
-        return "SIGINT" if self._polls == self._n else None
-
-    @requested.setter
-    def requested(self, value: str | None) -> None:
-        pass
-
-
 def _models(path: Path) -> dict[str, Any]:
     return torch.load(path, weights_only=True)  # type: ignore[no-any-return]
 
@@ -170,14 +154,14 @@ def test_stopped_in_each_stage_and_resumed_equals_a_straight_run(
     capsys.readouterr()
 
     # Stopped at step 2 of stage 1 (3 steps each): no codes, no prior, no outputs yet.
-    monkeypatch.setattr(vc, "StopFlag", lambda: _StopAtPoll(2))
+    monkeypatch.setattr(vc, "StopFlag", lambda: StopAtPoll(2))
     assert _run(stopped) == 0
     assert "stopped by SIGINT in stage 1: VQ-VAE" in capsys.readouterr().out
     assert files.load_checkpoint(stopped / "vqvae.ckpt.pt")["step"] == 2
     assert not (stopped / "codes.pt").exists() and not (stopped / "models.pt").exists()
 
     # Resumed: stage 1's last step (poll 1), then stopped at the prior's step 2 (poll 3).
-    monkeypatch.setattr(vc, "StopFlag", lambda: _StopAtPoll(3))
+    monkeypatch.setattr(vc, "StopFlag", lambda: StopAtPoll(3))
     assert _run(stopped, "--resume") == 0
     assert "stopped by SIGINT in stage 2" in capsys.readouterr().out
     assert files.load_checkpoint(stopped / "prior_top.ckpt.pt")["step"] == 2
@@ -336,7 +320,7 @@ def test_a_prior_checkpoint_of_the_old_loop_resumes_at_its_step(
 ) -> None:
     # Stopped at the prior's step 1 (after the VQ-VAE's 3 steps), then its checkpoint
     # rewritten as 0.2's own loop saved it: a step and a curve in bits per code.
-    monkeypatch.setattr(vc, "StopFlag", lambda: _StopAtPoll(1, start=3))
+    monkeypatch.setattr(vc, "StopFlag", lambda: StopAtPoll(1, start=3))
     assert _run(tmp_path) == 0
     path = tmp_path / "prior_top.ckpt.pt"
     ckpt = files.load_checkpoint(path)
