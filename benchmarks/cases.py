@@ -27,6 +27,7 @@ from maskedconv import (
     chosen_formulations,
     sample,
     set_conv_autotune,
+    wavefront,
 )
 from maskedconv._formulations import run as run_formulation
 
@@ -287,6 +288,85 @@ def sample_case(color: bool, batch: int, naive_rows: int | None, rounds: int) ->
             f"blog loop timed on {naive_rows} of 28 rows, scaled by {28 / naive_rows:g}"
         )
     return finish(medians, ratios, **extra)
+
+
+def sample_floor_case(batch: int, rounds: int) -> Result:
+    """What the cached sampler's design cannot go under, against one batched forward:
+    for every wavefront step, every k x k layer's gather of its kept taps from a cache of
+    the layer's input and its one product with the gathered weights, at the sampler's
+    shapes (the blog's binary model, 28x28). These products are the forward's
+    multiply-adds (25 taps a position where the forward's "pad" convolution does 28);
+    the 1x1 layers, the head, the draw and every op's dispatch come on top."""
+    torch.manual_seed(0)
+    model = PixelCNN(1, 2, hidden_channels=64, num_layers=5).to(DEVICE).eval()
+    schedule = wavefront(model, (28, 28))
+    steps = [schedule[t] for t in range(len(schedule))]  # each step's Positions
+    zeros = torch.zeros(batch, 1, 28, 28, dtype=torch.long, device=DEVICE)
+    layers = []  # (cache, weight, bias, per-step tap indices) of each k x k layer
+    for conv in model.modules():
+        if not isinstance(conv, MaskedConv2d) or conv.kernel_size == (1, 1):
+            continue
+        kh, kw = conv.kernel_size
+        taps = torch.nonzero(conv.mask.bool().any(0).any(0)).tolist()
+        width = 28 + 2 * (kw // 2)
+        offsets = torch.tensor([i * width + j for i, j in taps], device=DEVICE)
+        cache = torch.randn(batch, (28 + 2 * (kh // 2)) * width, conv.in_channels, device=DEVICE)
+        weight = torch.randn(len(taps) * conv.in_channels, conv.out_channels, device=DEVICE)
+        reads = [
+            ((at.rows * width + at.cols).to(DEVICE).unsqueeze(1) + offsets).flatten()
+            for at in steps
+        ]
+        layers.append((cache, weight, torch.randn(conv.out_channels, device=DEVICE), reads))
+    # The products alone read patches made once per layer and step size (no gather).
+    sizes = sorted({len(at) for at in steps})
+    patches = [
+        {n: torch.randn(batch * n, weight.shape[0], device=DEVICE) for n in sizes}
+        for _, weight, _, _ in layers
+    ]
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(zeros)
+
+    def drawn() -> None:
+        sample(model, zeros.shape, generator=torch.Generator(DEVICE).manual_seed(0))
+
+    def products() -> None:
+        for at in steps:
+            for (_, weight, bias, _), made in zip(layers, patches, strict=True):
+                torch._addmm_activation(bias, made[len(at)], weight)
+
+    def gathers() -> None:
+        for t in range(len(schedule)):
+            for cache, _, _, reads in layers:
+                cache.index_select(1, reads[t])
+
+    def both() -> None:
+        for t in range(len(schedule)):
+            for cache, weight, bias, reads in layers:
+                got = cache.index_select(1, reads[t]).view(-1, weight.shape[0])
+                torch._addmm_activation(bias, got, weight)
+
+    medians = interleaved(
+        {
+            "ours_forward": forward,
+            "sample": drawn,
+            "gather_and_product": both,
+            "product": products,
+            "gather": gathers,
+        },
+        rounds,
+    )
+    return finish(
+        medians,
+        [
+            ratio("sample / ours forward", "sample", "ours_forward", _sample_target(False, batch)),
+            ratio("k x k gathers + products / forward", "gather_and_product", "ours_forward"),
+            ratio("k x k products / forward", "product", "ours_forward"),
+            ratio("k x k gathers / forward", "gather", "ours_forward"),
+        ],
+        steps={"wavefront": len(steps)},
+    )
 
 
 def _sample_target(color: bool, batch: int) -> str | None:

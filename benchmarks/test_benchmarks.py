@@ -17,6 +17,7 @@ from cases import (
     gated_train_case,
     head_sample_case,
     sample_case,
+    sample_floor_case,
     train_case,
 )
 
@@ -59,6 +60,11 @@ def test_training_step(benchmark, color: bool) -> None:
 )
 def test_sampling(benchmark, color: bool, batch: int, naive_rows: int | None, rounds: int) -> None:
     run(benchmark, sample_case, color, batch, naive_rows, rounds)
+
+
+@pytest.mark.parametrize("batch", [16, 64], ids=["binary-b16", "binary-b64"])
+def test_sampling_floor(benchmark, batch: int) -> None:
+    run(benchmark, sample_floor_case, batch, rounds=9)
 
 
 @pytest.mark.parametrize("kind", ["dmol", "embedding"], ids=["dmol-k256", "embedding-k512"])
