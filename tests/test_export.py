@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 import torch
 from pixelcnn_models import perturb_
+from test_cached_step import decode_loop
 
 from maskedconv import (
+    CachedDecodeStep,
     DecodeStep,
     GatedPixelCNN,
     IncrementalEvaluator,
@@ -147,3 +149,40 @@ def test_decode_step_is_the_forward_at_positions() -> None:
     with torch.no_grad():
         expected = model(x, labels=labels)[..., rows, cols]
         assert torch.equal(DecodeStep(model)(x, rows, cols, labels=labels), expected)
+
+
+def test_cached_decode_step_exports_and_decodes_like_the_evaluator() -> None:
+    """The incremental step with its caches as inputs and outputs, exported once per image
+    size with a dynamic number of positions: a decoder's loop around the ONNX graph and
+    around the ``torch.export`` program, every wavefront step group by group, gives the
+    evaluator's parameters (1e-5) at both sizes."""
+    torch.manual_seed(0)
+    model = perturb_(PixelCNN(3, 4, hidden_channels=12, num_layers=3), 0.1).eval()
+    for height, width in SIZES:
+        step = CachedDecodeStep(model, 2, (height, width))
+        caches = step.initial_caches()
+        # Example positions of two sizes (m, n >= 2: a size of 1 would be taken as fixed).
+        last = (
+            torch.zeros(2, 3, 3, dtype=torch.long),
+            torch.tensor([0, 1, 2]),
+            torch.tensor([4, 0, 1]),
+        )
+        now = (torch.zeros(2, 3, 2, dtype=torch.long), torch.tensor([3, 4]), torch.tensor([1, 2]))
+        m, n = torch.export.Dim("m", min=1), torch.export.Dim("n", min=1)
+        dims = ({2: m}, {0: m}, {0: m}, {2: n}, {0: n}, {0: n})
+        args = (*last, *now, *caches)
+        exported = torch.export.export(
+            step, args, dynamic_shapes=(*dims, tuple({} for _ in caches))
+        ).module()
+        session = _session(step, args, (*dims, tuple({} for _ in caches)))
+        names = [i.name for i in session.get_inputs()]
+
+        def onnx_step(
+            *inputs: torch.Tensor, session: Any = session, names: list[str] = names
+        ) -> list[torch.Tensor]:
+            feed = {name: t.numpy() for name, t in zip(names, inputs, strict=True)}
+            return [torch.from_numpy(out) for out in session.run(None, feed)]
+
+        target = torch.randint(0, 4, (2, 3, height, width))
+        for run in (onnx_step, exported):
+            assert decode_loop(run, model, target, "wavefront", atol=1e-5) > 0

@@ -16,7 +16,7 @@ from ._blocks import (
 from ._causality import allowed_dependencies, assert_causal, receptive_field
 from ._conv import MaskedConv2d, masked_conv2d
 from ._evaluation import Evaluator, FullForwardEvaluator, IncrementalEvaluator, sample
-from ._export import DecodeStep
+from ._export import CachedDecodeStep, DecodeStep
 from ._formulations import chosen_formulations, set_conv_autotune
 from ._gated import GatedPixelCNN, GatedPixelCNNConfig
 from ._heads import Categorical, DiscretizedLogisticMixture, OutputHead
@@ -44,6 +44,7 @@ from ._version import __version__ as __version__
 
 __all__ = [
     "BottleneckBlock",
+    "CachedDecodeStep",
     "Categorical",
     "CausalUnit",
     "ConvStep",

@@ -266,7 +266,7 @@ class ConvStep:
     def _patches(self, at: Positions) -> Tensor:
         """``(B*n, taps*C_in)``: the kept taps of every position of ``at``."""
         patches = self.cache.index_select(1, self._read_index(at))  # (B, n*T, I)
-        return patches.view(self.cache.shape[0] * len(at), -1)
+        return patches.view(-1, self.weight.shape[0])  # n from the shape: it may be symbolic
 
     def write(self, x: Tensor, at: Positions) -> None:
         """Store the input ``(B, n, C_in)`` at ``at``."""
