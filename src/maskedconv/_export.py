@@ -125,7 +125,9 @@ class CachedDecodeStep(nn.Module):
 
     The step is built for one batch size and image size (the caches' shapes); the
     number of positions n may change from call to call (export it as a dynamic
-    dimension). Labels and ``cond`` given here are constants of the step.
+    dimension). Labels and ``cond`` given here are constants of the step. Like the
+    evaluator, it reads the model's weights when it is built: build it again after
+    training.
 
     Supported: the trunks of ``PixelCNN`` in raster or wavefront order (conv units,
     residual and bottleneck blocks). A ``GatedPixelCNN`` (its vertical stack is a row
