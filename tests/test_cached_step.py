@@ -143,3 +143,16 @@ def test_refuses_what_it_cannot_export_with_a_reason() -> None:
     zeros = torch.zeros(1, 1, 1, dtype=torch.long)
     with pytest.raises(ValueError, match="caches must be the 2 tensors"):
         step(zeros, at, at, zeros, at, at)
+
+
+def test_no_autograd_history_builds_up_through_the_caches() -> None:
+    # An embedding stem has parameters; outside no_grad, the step's outputs still carry
+    # no history (a decoder calls it hundreds of times, feeding the caches back).
+    model = PixelCNN(1, 5, hidden_channels=8, num_layers=2, input="embedding").eval()
+    step = CachedDecodeStep(model, 1, (4, 4))
+    caches = step.initial_caches()
+    at = (torch.tensor([0, 1]), torch.tensor([0, 0]))
+    values = torch.ones(1, 1, 2, dtype=torch.long)
+    for _ in range(3):
+        params, *caches = step(values, *at, values, *at, *caches)
+    assert not params.requires_grad and not any(c.requires_grad for c in caches)

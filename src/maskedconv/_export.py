@@ -227,7 +227,9 @@ class CachedDecodeStep(nn.Module):
         ]
 
     def _features(self, values: Tensor) -> Tensor:
-        features: Tensor = self.model.stem(values)  # type: ignore[operator]
+        # Detached, as the steps' weights are: the step is for decoding, and a history
+        # through the caches would grow with every call.
+        features: Tensor = self.model.stem(values).detach()  # type: ignore[operator]
         return features.transpose(1, 2)  # (B, n, F)
 
     def _at(self, rows: Tensor, cols: Tensor) -> Positions:
