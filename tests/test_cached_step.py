@@ -134,7 +134,7 @@ def test_refuses_what_it_cannot_export_with_a_reason() -> None:
     board = PixelCNN(1, 2, hidden_channels=8, num_layers=2, order="checkerboard")
     with pytest.raises(NoIncrementalPathError, match=r"checkerboard conv.*DecodeStep"):
         CachedDecodeStep(board, 1, (4, 4))
-    with pytest.raises(NoIncrementalPathError, match=r"has none; DecodeStep exports any model"):
+    with pytest.raises(NoIncrementalPathError, match=r"has no trunk of causal units"):
         CachedDecodeStep(torch.nn.Conv2d(1, 2, 3), 1, (4, 4))
     with pytest.raises(ValueError, match="batch_size"):
         CachedDecodeStep(PixelCNN(1, 2, hidden_channels=8, num_layers=2), 0, (4, 4))

@@ -77,6 +77,49 @@ def _groups_of(
     return group_slices(channels, normal_color_groups(groups), str(layout or "blocked"))
 
 
+def model_trunk(model: nn.Module) -> list[nn.Module]:
+    """``model.units()``, the trunk of causal units an incremental path folds.
+
+    Raises:
+        NoIncrementalPathError: where the model has none, saying why.
+    """
+    units = getattr(model, "units", None)
+    if not callable(units) or not hasattr(model, "stem"):
+        raise NoIncrementalPathError(
+            f"{type(model).__name__} has no incremental path: it has no trunk of causal "
+            f"units (units() and stem)"
+        )
+    try:
+        return list(units())
+    except NoIncrementalPathError as reason:
+        raise NoIncrementalPathError(
+            f"{type(model).__name__} has no incremental path: {reason}"
+        ) from None
+
+
+def unit_steps(
+    model: nn.Module,
+    trunk: Sequence[nn.Module],
+    batch_size: int,
+    schedule: Any,
+    size: tuple[int, int],
+    labels: Tensor | None,
+    cond: Tensor | None,
+) -> list[UnitStep]:
+    """Each unit of ``trunk`` as its step, for ``batch_size`` images of ``size`` on
+    ``schedule``, with the model's conditioning (``labels``, ``cond``) checked."""
+    conditioning = model.conditioning(labels, cond, batch_size, size)  # type: ignore[operator]
+    context = StepContext(batch_size, schedule, conditioning, trunk)
+    steps: list[UnitStep] = []
+    rows = None
+    with torch.no_grad():
+        for unit in trunk:
+            step = unit.incremental(context, rows)  # type: ignore[operator]
+            steps.append(step)
+            rows = step.rows
+    return steps
+
+
 class Evaluator:
     """The interface both evaluators share; see the module docstring.
 
@@ -276,32 +319,13 @@ class IncrementalEvaluator(Evaluator):
         labels: Tensor | None = None,
         cond: Tensor | None = None,
     ) -> None:
-        units = getattr(model, "units", None)
-        if not callable(units) or not hasattr(model, "stem"):
-            raise NoIncrementalPathError(
-                f"{type(model).__name__} has no incremental path: it has no trunk of causal "
-                f"units (units() and stem)"
-            )
-        try:
-            trunk = units()
-        except NoIncrementalPathError as reason:
-            raise NoIncrementalPathError(
-                f"{type(model).__name__} has no incremental path: {reason}"
-            ) from None
+        trunk = model_trunk(model)
         super().__init__(model, batch_size, image_size, schedule, color_groups, group_layout)
         size = (self.height, self.width)
-        conditioning = model.conditioning(labels, cond, self.batch_size, size)  # type: ignore[operator]
-        context = StepContext(self.batch_size, self.schedule, conditioning, trunk)
         self._stem: nn.Module = model.stem  # type: ignore[assignment]
         self._head: OutputHead = model.head  # type: ignore[assignment]
         self._layout = str(getattr(model, "group_layout", "blocked"))
-        self._steps: list[UnitStep] = []
-        rows = None
-        with torch.no_grad():
-            for unit in trunk:
-                step = unit.incremental(context, rows)
-                self._steps.append(step)
-                rows = step.rows
+        self._steps = unit_steps(model, trunk, self.batch_size, self.schedule, size, labels, cond)
         self._next_step()
 
     def _next_step(self) -> None:

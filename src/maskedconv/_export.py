@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from ._blocks import _ConvUnitStep, _SkipBlockStep
 from ._checks import image_size as check_image_size
 from ._checks import positive_int
+from ._evaluation import model_trunk, unit_steps
 from ._schedules import Positions
-from ._steps import ConvStep, NoIncrementalPathError, StepContext, UnitStep
+from ._steps import ConvStep, NoIncrementalPathError
 
 __all__ = ["CachedDecodeStep", "DecodeStep"]
 
@@ -167,46 +168,32 @@ class CachedDecodeStep(nn.Module):
     ) -> None:
         super().__init__()
         name = type(model).__name__
-        units = getattr(model, "units", None)
-        if not callable(units) or not hasattr(model, "stem"):
-            raise NoIncrementalPathError(
-                f"CachedDecodeStep needs a model with a trunk of causal units (units() and "
-                f"stem), but {name} has none; DecodeStep exports any model"
-            )
+        trunk = model_trunk(model)
         batch = positive_int("batch_size", batch_size)
         height, width = check_image_size(image_size)
         self.model = model  # its parameters; the steps read their weights when built
         self._layout = str(getattr(model, "group_layout", "blocked"))
         self._schedule = _LiveSchedule(height, width)
-        trunk = units()
         if any(getattr(unit, "row_reads", lambda: None)() for unit in trunk):
             raise NoIncrementalPathError(
                 f"CachedDecodeStep supports raster and wavefront models without a row "
                 f"stream, but {name} has one (a gated vertical stack, planned per step); "
                 f"DecodeStep exports it"
             )
-        conditioning = model.conditioning(labels, cond, batch, (height, width))  # type: ignore[operator]
-        context = StepContext(batch, self._schedule, conditioning, trunk)  # type: ignore[arg-type]
-        self._steps: list[UnitStep] = []
-        rows = None
-        with torch.no_grad():
-            for unit in trunk:
-                step = unit.incremental(context, rows)
-                if type(step) not in _EXPORTABLE:
-                    raise NoIncrementalPathError(
-                        f"CachedDecodeStep supports conv units and residual or bottleneck "
-                        f"blocks, but {name}'s trunk has a {type(unit).__name__}; "
-                        f"DecodeStep exports any model"
-                    )
-                convs = [c for c in vars(step).values() if isinstance(c, ConvStep)]
-                if any(c.gated for c in convs):
-                    raise NoIncrementalPathError(
-                        f"CachedDecodeStep supports raster and wavefront models, but {name} "
-                        f"has a checkerboard conv; DecodeStep exports it (a checkerboard "
-                        f"model decodes in 2 steps)"
-                    )
-                self._steps.append(step)
-                rows = step.rows
+        self._steps = unit_steps(model, trunk, batch, self._schedule, (height, width), labels, cond)
+        for unit, step in zip(trunk, self._steps, strict=True):
+            if type(step) not in _EXPORTABLE:
+                raise NoIncrementalPathError(
+                    f"CachedDecodeStep supports conv units and residual or bottleneck "
+                    f"blocks, but {name}'s trunk has a {type(unit).__name__}; "
+                    f"DecodeStep exports any model"
+                )
+            if any(c.gated for c in vars(step).values() if isinstance(c, ConvStep)):
+                raise NoIncrementalPathError(
+                    f"CachedDecodeStep supports raster and wavefront models, but {name} "
+                    f"has a checkerboard conv; DecodeStep exports it (a checkerboard "
+                    f"model decodes in 2 steps)"
+                )
         self._caches = [
             c
             for step in self._steps
