@@ -143,6 +143,17 @@ def test_refuses_what_it_cannot_export_with_a_reason() -> None:
     zeros = torch.zeros(1, 1, 1, dtype=torch.long)
     with pytest.raises(ValueError, match="caches must be the 2 tensors"):
         step(zeros, at, at, zeros, at, at)
+    caches = step.initial_caches()
+    with pytest.raises(TypeError, match=r"values must be an integer tensor \(B, C, n\)"):
+        step(zeros, at, at, zeros.float(), at, at, *caches)
+    with pytest.raises(ValueError, match="last must hold the step's batch of 1 images, but has 2"):
+        step(zeros.repeat(2, 1, 1), at, at, zeros, at, at, *caches)
+    with pytest.raises(
+        ValueError, match="the cols of values must be a 1-D integer tensor of its 1"
+    ):
+        step(zeros, at, at, zeros, at, torch.tensor([0, 1]), *caches)
+    with pytest.raises(ValueError, match=r"caches must have the shapes of initial_caches\(\)"):
+        step(zeros, at, at, zeros, at, at, caches[0], caches[1][:, :-1])
 
 
 def test_no_autograd_history_builds_up_through_the_caches() -> None:

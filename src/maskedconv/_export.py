@@ -206,6 +206,28 @@ class CachedDecodeStep(nn.Module):
             (conv.cache.shape, conv.cache.dtype, conv.cache.device) for conv in self._caches
         ]
 
+    def _check_step(self, name: str, values: Tensor, rows: Tensor, cols: Tensor) -> None:
+        """``values`` ``(B, C, n)`` integers, ``rows`` and ``cols`` ``(n,)`` integers."""
+        if not isinstance(values, Tensor) or values.is_floating_point() or values.dim() != 3:
+            raise TypeError(
+                f"{name} must be an integer tensor (B, C, n), but got "
+                f"{getattr(values, 'dtype', type(values).__name__)} of shape "
+                f"{tuple(getattr(values, 'shape', ()))}"
+            )
+        batch = self._blank[0][0][0] if self._blank else values.shape[0]
+        if values.shape[0] != batch:
+            raise ValueError(
+                f"{name} must hold the step's batch of {batch} images, but has "
+                f"{values.shape[0]} (shape {tuple(values.shape)})"
+            )
+        for axis, index in (("rows", rows), ("cols", cols)):
+            if index.dim() != 1 or index.is_floating_point() or index.shape[0] != values.shape[2]:
+                raise ValueError(
+                    f"the {axis} of {name} must be a 1-D integer tensor of its "
+                    f"{values.shape[2]} positions, but got {index.dtype} of shape "
+                    f"{tuple(index.shape)}"
+                )
+
     def initial_caches(self) -> list[Tensor]:
         """The caches before the first step: one zero-padded image a k x k conv,
         ``(B, (H + 2h) * (W + 2w), C_in)``, channels last, in the model's dtype."""
@@ -254,7 +276,14 @@ class CachedDecodeStep(nn.Module):
                 f"caches must be the {len(self._caches)} tensors of initial_caches() or of "
                 f"the last call, but got {len(caches)}"
             )
-        for conv, cache in zip(self._caches, caches, strict=True):
+        self._check_step("last", last, last_rows, last_cols)
+        self._check_step("values", values, rows, cols)
+        for conv, cache, (shape, _, _) in zip(self._caches, caches, self._blank, strict=True):
+            if tuple(cache.shape) != tuple(shape):
+                raise ValueError(
+                    f"caches must have the shapes of initial_caches(), but one has shape "
+                    f"{tuple(cache.shape)} where {tuple(shape)} is expected"
+                )
             conv.cache = cache.clone()  # stored into out of place: the caller's stay
         try:
             self._at(last_rows, last_cols)
