@@ -180,7 +180,9 @@ class CachedDecodeStep(nn.Module):
                 f"stream, but {name} has one (a gated vertical stack, planned per step); "
                 f"DecodeStep exports it"
             )
+        self._batch = batch
         self._steps = unit_steps(model, trunk, batch, self._schedule, (height, width), labels, cond)
+        self._caches: list[ConvStep] = []  # the convs whose caches travel in and out
         for unit, step in zip(trunk, self._steps, strict=True):
             if type(step) not in _EXPORTABLE:
                 raise NoIncrementalPathError(
@@ -188,18 +190,14 @@ class CachedDecodeStep(nn.Module):
                     f"blocks, but {name}'s trunk has a {type(unit).__name__}; "
                     f"DecodeStep exports any model"
                 )
-            if any(c.gated for c in vars(step).values() if isinstance(c, ConvStep)):
+            convs = [c for c in vars(step).values() if isinstance(c, ConvStep)]
+            if any(c.gated for c in convs):
                 raise NoIncrementalPathError(
                     f"CachedDecodeStep supports raster and wavefront models, but {name} "
                     f"has a checkerboard conv; DecodeStep exports it (a checkerboard "
                     f"model decodes in 2 steps)"
                 )
-        self._caches = [
-            c
-            for step in self._steps
-            for c in vars(step).values()
-            if isinstance(c, ConvStep) and c.spatial
-        ]
+            self._caches += [c for c in convs if c.spatial]
         # What the first caches are like (each conv's own, from here on, is the last
         # call's, which may be a tracer's).
         self._blank = [
@@ -214,10 +212,9 @@ class CachedDecodeStep(nn.Module):
                 f"{getattr(values, 'dtype', type(values).__name__)} of shape "
                 f"{tuple(getattr(values, 'shape', ()))}"
             )
-        batch = self._blank[0][0][0] if self._blank else values.shape[0]
-        if values.shape[0] != batch:
+        if values.shape[0] != self._batch:
             raise ValueError(
-                f"{name} must hold the step's batch of {batch} images, but has "
+                f"{name} must hold the step's batch of {self._batch} images, but has "
                 f"{values.shape[0]} (shape {tuple(values.shape)})"
             )
         for axis, index in (("rows", rows), ("cols", cols)):
@@ -241,10 +238,9 @@ class CachedDecodeStep(nn.Module):
         features: Tensor = self.model.stem(values).detach()  # type: ignore[operator]
         return features.transpose(1, 2)  # (B, n, F)
 
-    def _at(self, rows: Tensor, cols: Tensor) -> Positions:
-        at = _LivePositions(rows, cols, self._schedule.width)
-        self._schedule.now = at
-        return at
+    def _at(self, rows: Tensor, cols: Tensor) -> None:
+        """Make ``(rows, cols)`` the positions every unit step reads."""
+        self._schedule.now = _LivePositions(rows, cols, self._schedule.width)
 
     def forward(
         self,
