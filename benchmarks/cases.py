@@ -351,6 +351,7 @@ def sample_floor_case(batch: int, rounds: int) -> Result:
         {
             "ours_forward": forward,
             "sample": drawn,
+            "every_op": _bare_steps(model, batch, steps),
             "gather_and_product": both,
             "product": products,
             "gather": gathers,
@@ -361,12 +362,62 @@ def sample_floor_case(batch: int, rounds: int) -> Result:
         medians,
         [
             ratio("sample / ours forward", "sample", "ours_forward", _sample_target(False, batch)),
+            ratio("every op of every step / forward", "every_op", "ours_forward"),
             ratio("k x k gathers + products / forward", "gather_and_product", "ours_forward"),
             ratio("k x k products / forward", "product", "ours_forward"),
             ratio("k x k gathers / forward", "gather", "ours_forward"),
         ],
         steps={"wavefront": len(steps)},
     )
+
+
+def _bare_steps(model: PixelCNN, batch: int, steps: list[Any]) -> Callable[[], None]:
+    """The blog's binary model sampled on the wavefront with nothing but the ops its
+    maths needs, written out by hand for this one model: per step, the drawn values of
+    the step before into the first layer's cache; each 7x7 layer's cache write, gather
+    and product; the 1x1 products, the residual sums; the logits; a Gumbel-max draw with
+    noise drawn beforehand. No checks, no schedule or unit machinery, no image kept:
+    the least any eager, step-by-step sampler of this model dispatches."""
+    stem, *blocks, _, logits = model.trunk
+    width = 28 + 6
+    made: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[Any]]] = []
+    for conv in [stem.conv] + [block.conv_mid for block in blocks]:
+        taps = torch.nonzero(conv.mask.bool().any(0).any(0)).tolist()
+        offsets = torch.tensor([i * width + j for i, j in taps], device=DEVICE)
+        weight = torch.randn(len(taps) * conv.in_channels, conv.out_channels, device=DEVICE)
+        cache = torch.zeros(batch, width * width, conv.in_channels, device=DEVICE)
+        reads = [((at.rows * width + at.cols).to(DEVICE).unsqueeze(1) + offsets).flatten()
+                 for at in steps]  # fmt: skip
+        made.append((cache, weight, torch.randn(conv.out_channels, device=DEVICE), offsets, reads))
+    puts = [((at.rows + 3) * width + at.cols + 3).to(DEVICE) for at in steps]
+    hidden = blocks[0].conv_in.in_channels
+    square = torch.randn(hidden, hidden, device=DEVICE)
+    bias = torch.randn(hidden, device=DEVICE)
+    to_logits = torch.randn(hidden, logits.conv.out_channels, device=DEVICE)
+    noise = [torch.rand(batch, len(at), 2, device=DEVICE).log_().neg_().log_().neg_()
+             for at in steps]  # fmt: skip
+
+    def go() -> None:
+        with torch.no_grad():
+            drawn = None
+            for t in range(len(steps)):
+                cache, weight, out_bias, _, reads = made[0]
+                if drawn is not None:
+                    cache.index_copy_(1, puts[t - 1], drawn)
+                patches = cache.index_select(1, reads[t]).view(-1, weight.shape[0])
+                h = torch._addmm_activation(out_bias, patches, weight)
+                for cache, weight, out_bias, _, reads in made[1:]:
+                    inner = torch._addmm_activation(bias, h, square)
+                    cache.index_copy_(1, puts[t], inner.view(batch, -1, hidden))
+                    patches = cache.index_select(1, reads[t]).view(-1, weight.shape[0])
+                    inner = torch._addmm_activation(out_bias, patches, weight)
+                    h = h + torch._addmm_activation(bias, inner, square)
+                h = torch._addmm_activation(bias, h, square)
+                out = torch.addmm(bias[:2], h, to_logits).view(batch, -1, 2)
+                # The stem's scaling of the drawn level to [-1, 1]: two ops.
+                drawn = (out + noise[t]).argmax(-1, keepdim=True).float().mul_(2.0).sub_(1.0)
+
+    return go
 
 
 def _sample_target(color: bool, batch: int) -> str | None:

@@ -62,7 +62,7 @@ def test_sampling(benchmark, color: bool, batch: int, naive_rows: int | None, ro
     run(benchmark, sample_case, color, batch, naive_rows, rounds)
 
 
-@pytest.mark.parametrize("batch", [16, 64], ids=["binary-b16", "binary-b64"])
+@pytest.mark.parametrize("batch", [1, 16, 64], ids=["binary-b1", "binary-b16", "binary-b64"])
 def test_sampling_floor(benchmark, batch: int) -> None:
     run(benchmark, sample_floor_case, batch, rounds=9)
 
