@@ -181,12 +181,3 @@ def test_unknown_method() -> None:
         ValueError, match=r"method must be one of \('auto', 'cached', 'naive'\), but got 'fast'"
     ):
         sample(model, (1, 1, 2, 2), method="fast")
-
-
-def test_cache_memory_is_one_padded_image_per_spatial_conv() -> None:
-    model = PixelCNN(1, 2)  # blog binary: 5 kxk convs, 64 channels, 7x7
-    ev = IncrementalEvaluator(model, 16, (28, 28))
-    # Each 7x7 conv keeps its input, zero-padded by 3 on every side, channels last: the
-    # type-A conv's 1 channel and the 4 blocks' 64; the 1x1 convs keep nothing.
-    per_image = 34 * 34 * (1 + 4 * 64)
-    assert ev.cache_bytes() == 16 * per_image * 4

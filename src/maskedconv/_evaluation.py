@@ -272,7 +272,9 @@ class IncrementalEvaluator(Evaluator):
     everything decoded so far, equal to the full forward for the finished image
     (float64 to about 1e-10, float32 to about 1e-5); ``advance`` stores the final values.
     Each step runs every unit of the trunk at the step's positions only, from caches of
-    their inputs (``cache_bytes()``: about one padded image per k x k conv, channels last).
+    their inputs, channels last, each kept only while a later step reads it
+    (``cache_bytes()``: a few rows of the image per k x k conv in raster order, a band
+    around the wavefront).
 
     Args:
         model: a model with a trunk of causal units (``PixelCNN``, ``GatedPixelCNN``).

@@ -220,6 +220,7 @@ class Schedule(Plan):
         groups = positive_int("color_groups", color_groups)
         schedule = copy.copy(self)
         schedule.__dict__.pop("_row_plans", None)
+        schedule.__dict__.pop("_cache_layouts", None)
         schedule.__dict__.pop("image_frontier", None)
         schedule.group_passes = groups
         schedule.name = name or f"{self.name} by group, {groups} groups"
@@ -555,3 +556,73 @@ def plan_row_streams(schedule: Schedule, reads: Sequence[RowReads]) -> list[tupl
         source = frontier
     kept[key] = results
     return results
+
+
+class CacheLayout:
+    """Where a cache of an ``H x W`` input keeps each position, for one schedule and one
+    set of taps: a row is reused once the last step that reads its position is done.
+
+    A conv's step at step t reads its input at ``p + tap`` for each of its positions p;
+    a position written at step ``rank[p]`` is then needed until the last step that reads
+    it. Rows are handed out in step order, each from the rows freed so far (the fewest
+    rows any layout can have: the most positions alive at one step). Row ``rows`` is the
+    zero row: the padding around the image, and positions that a step reads before they
+    are written (a board conv's anchors read their non-anchor taps with zero weights),
+    read from it, as they read zeros from a whole padded image.
+
+    Attributes:
+        key: the taps and the padding it was made for.
+        rows: the number of rows for positions (the cache has ``rows + 1``).
+        of_padded: ``((H + 2ph) * (W + 2pw),)`` int64: the row of each position of the
+            padded image (row-major); ``rows`` for the padding.
+        rank_padded: the same shape: each position's step; ``-1`` for the padding.
+    """
+
+    def __init__(self, schedule: Schedule, taps: Sequence[tuple[int, int]], pad: tuple[int, int]):
+        self.key = (tuple(tuple(tap) for tap in taps), tuple(pad))
+        height, width = schedule.height, schedule.width
+        ph, pw = pad
+        rank = schedule.rank
+        padded = torch.full((height + 2 * ph, width + 2 * pw), -1, dtype=torch.long)
+        padded[ph : ph + height, pw : pw + width] = rank
+        # Read by the step of the position at p - (tap - pad): the latest such step.
+        last = rank.clone()
+        for i, j in taps:
+            shifted = padded[2 * ph - i : 2 * ph - i + height, 2 * pw - j : 2 * pw - j + width]
+            last = torch.maximum(last, shifted)
+        ends = last.flatten().tolist()
+        freed: list[list[int]] = [[] for _ in range(schedule.steps + 1)]
+        free: list[int] = []
+        row_of = [0] * (height * width)
+        rows = 0
+        for t in range(schedule.steps):
+            free.extend(freed[t])
+            for p in schedule[t].flat.tolist():
+                if free:
+                    row = free.pop()
+                else:
+                    row, rows = rows, rows + 1
+                row_of[p] = row
+                freed[ends[p] + 1].append(row)
+        self.rows = rows
+        of_padded = torch.full_like(padded, rows)
+        of_padded[ph : ph + height, pw : pw + width] = torch.tensor(row_of).view(height, width)
+        self.of_padded = of_padded.flatten()
+        self.rank_padded = padded.flatten()
+
+
+def cache_layout(
+    schedule: Schedule, taps: Sequence[tuple[int, int]], pad: tuple[int, int]
+) -> CacheLayout | None:
+    """The ``CacheLayout`` of a conv with these taps (``(i, j)`` offsets into the padded
+    kernel, dilation applied) and padding on ``schedule``, made once and kept with it;
+    ``None`` for a group-major schedule, which reads every position in every pass (the
+    cache is then the whole padded image)."""
+    if schedule.group_passes > 1:
+        return None
+    key = (tuple(tuple(tap) for tap in taps), tuple(pad))
+    kept: dict[Any, CacheLayout] = schedule.__dict__.setdefault("_cache_layouts", {})
+    if key not in kept:
+        with torch.inference_mode(False):
+            kept[key] = CacheLayout(schedule, taps, pad)
+    return kept[key]

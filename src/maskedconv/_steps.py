@@ -28,7 +28,15 @@ from torch import Tensor, nn
 from ._conditioning import Conditioning
 from ._conv import MaskedConv2d
 from ._masks import is_anchor
-from ._schedules import Plan, Positions, RowReads, Schedule, plan_row_streams
+from ._schedules import (
+    CacheLayout,
+    Plan,
+    Positions,
+    RowReads,
+    Schedule,
+    cache_layout,
+    plan_row_streams,
+)
 
 __all__ = ["CausalUnit", "ConvStep", "NoIncrementalPathError", "StepContext", "UnitStep"]
 
@@ -57,6 +65,10 @@ class StepContext:
         cond: the checked conditioning, or ``None``.
         units: the trunk, in order (its row streams are planned from it).
     """
+
+    compact_caches = True
+    """Whether the convs' caches keep a position only while a later step reads it
+    (``CacheLayout``); False keeps whole padded images (what tests compare with)."""
 
     def __init__(
         self,
@@ -159,10 +171,15 @@ def masked_weight(conv: nn.Conv2d) -> Tensor:
 class ConvStep:
     """A ``MaskedConv2d`` (or ``nn.Conv2d``) at a set of positions, from a cache of its input.
 
-    The cache is the input image, zero-padded and channels last, ``(B, Hp*Wp, C_in)``;
-    each call puts the positions' inputs in it and reads, for each position, the taps
-    the mask keeps (one gather), then does one matmul ``(B*n, taps*C_in) @ (taps*C_in,
-    C_out)``. A 1x1 conv keeps no cache. The weights are read when the step is built.
+    The cache holds the input, channels last, ``(B, rows, C_in)``; each call puts the
+    positions' inputs in it and reads, for each position, the taps the mask keeps (one
+    gather), then does one matmul ``(B*n, taps*C_in) @ (taps*C_in, C_out)``. On a
+    ``Schedule`` its rows follow a ``CacheLayout``: a position keeps its row only until
+    the last step that reads it, so a k x k conv holds a few rows of the image in raster
+    order and a band around the wavefront, not the image (with ``compact=False``, and
+    for a group-major schedule, it is the whole zero-padded image, ``Hp*Wp`` rows, as a
+    row stream's whole-row reads need). A 1x1 conv keeps no cache. The weights are read
+    when the step is built.
     A board conv (``"checkerboard"``, ``"group-checkerboard"``) gives an anchor's output a
     second weight, without the taps that read the anchors only; a step of anchors alone
     whose context is then the centre runs as a 1x1 conv.
@@ -170,7 +187,7 @@ class ConvStep:
     measured within 10% of the gather either way, and slower for few input channels.)
     """
 
-    def __init__(self, conv: nn.Conv2d, context: StepContext) -> None:
+    def __init__(self, conv: nn.Conv2d, context: StepContext, *, compact: bool = True) -> None:
         height, width = context.schedule.height, context.schedule.width
         weight = masked_weight(conv)
         # A board conv (checkerboard, group checkerboard): its gated taps read the anchors
@@ -215,6 +232,10 @@ class ConvStep:
         padded_w = width + 2 * pw
         self.key = (padded_w, ph, pw)
         self.offsets = torch.tensor([i * dh * padded_w + j * dw for i, j in taps])
+        self.layout: CacheLayout | None = None
+        if compact and context.compact_caches and isinstance(context.schedule, Schedule):
+            dilated = [(i * dh, j * dw) for i, j in taps]
+            self.layout = cache_layout(context.schedule, dilated, (ph, pw))
 
         # (O, I, T) -> (T*I, O): the order of a (B, n, T, I) patch, flattened.
         def gathered(w: Tensor) -> Tensor:
@@ -223,7 +244,8 @@ class ConvStep:
 
         self.weight = gathered(weight)
         self.anchor_weight = gathered(anchor_weight) if self.gated else self.weight
-        self.cache = weight.new_zeros(context.batch, (height + 2 * ph) * padded_w, in_c)
+        rows = (height + 2 * ph) * padded_w if self.layout is None else self.layout.rows + 1
+        self.cache = weight.new_zeros(context.batch, rows, in_c)
         # For a whole row at once (a row stream in raster order): the kernel rows that
         # hold a kept tap, for one convolution over that slab of the cache.
         kept_rows = sorted({i for i, _ in taps})
@@ -234,23 +256,44 @@ class ConvStep:
 
     def _put_index(self, at: Positions) -> Tensor:
         padded_w, ph, pw = self.key
+        layout = self.layout
+        if layout is None:
+            return at.derived(
+                ("put", self.key),
+                self.cache.device,
+                lambda p: (p.rows + ph) * padded_w + p.cols + pw,
+            )
         return at.derived(
-            ("put", self.key),
+            ("put", self.key, layout.key),
             self.cache.device,
-            lambda p: (p.rows + ph) * padded_w + p.cols + pw,
+            lambda p: layout.of_padded[(p.rows + ph) * padded_w + p.cols + pw],
         )
 
     def _read_index(self, at: Positions) -> Tensor:
-        padded_w = self.key[0]
+        padded_w, ph, pw = self.key
         offsets = self.offsets
-        return at.derived(
-            ("read", self.key, tuple(offsets.tolist())),
-            self.cache.device,
-            lambda p: ((p.rows * padded_w + p.cols).unsqueeze(1) + offsets).flatten(),
-        )
+        layout = self.layout
+
+        def padded(p: Positions) -> Tensor:
+            return ((p.rows * padded_w + p.cols).unsqueeze(1) + offsets).flatten()
+
+        if layout is None:
+            key = ("read", self.key, tuple(offsets.tolist()))
+            return at.derived(key, self.cache.device, padded)
+
+        def rows(p: Positions) -> Tensor:
+            # A position not yet written reads the zero row, as it reads zero from a
+            # whole padded image (all of a step's positions share its rank).
+            read = padded(p)
+            step = layout.rank_padded[(p.rows[0] + ph) * padded_w + p.cols[0] + pw]
+            return torch.where(layout.rank_padded[read] > step, layout.rows, layout.of_padded[read])
+
+        return at.derived(("read", self.key, layout.key), self.cache.device, rows)
 
     def _whole_row(self, at: Positions) -> Tensor:
         """``(B, W, C_out)`` at a whole row ``at``: one convolution over the cached rows."""
+        if self.layout is not None:
+            raise NoIncrementalPathError("a whole-row read needs a ConvStep(compact=False)")
         padded_w, _, _ = self.key
         batch, _, channels = self.cache.shape
         row = int(at.rows[0])
