@@ -28,6 +28,7 @@ from ._masks import (
     group_unit,
     normal_color_groups,
 )
+from ._schedules import Positions, link_rows
 from ._steps import (
     BiasStep,
     CausalUnit,
@@ -502,6 +503,7 @@ class _GatedStep(UnitStep):
         self.source = None if block.first else rows
         self.rows: RowStream = context.next_row_stream()
         self.v_conv = ConvStep(block.v_conv, context, compact=False)  # read a row at a time
+        self.v_conv.keep_rows(schedule if self.source is None else self.source.plan, self.rows.plan)
         self.h_conv = ConvStep(block.h_conv, context)
         self.v_bias = _bias_step(block.v_condition, context)
         self.h_bias = _bias_step(block.h_condition, context)
@@ -515,9 +517,15 @@ class _GatedStep(UnitStep):
                 for c in (block.h_out, block.skip)
             ]
         )
-        height, width = schedule.height, schedule.width
-        weight = block.link.weight
-        self.linked = weight.new_zeros(context.batch, height * width, weight.shape[0])
+        # The links, computed with the row stream and read at the main step: each keeps
+        # a row of its own only until then.
+        self.compact = context.compact_caches
+        if self.compact:
+            self.link_rows, count = link_rows(schedule, self.rows.plan)
+        else:
+            count = schedule.height * schedule.width
+            self.link_rows = torch.arange(count)
+        self.linked = block.link.weight.new_zeros(context.batch, count, block.link.out_channels)
 
     def advance_rows(self, t: int, rows: Tensor | None) -> Tensor:
         if self.source is not None and rows is not None and rows.shape[1]:
@@ -531,9 +539,14 @@ class _GatedStep(UnitStep):
         linked = self.link(v_pre, at)
         if self.h_bias is not None:
             linked += self.h_bias(at)
-        flat = at.derived("flat", linked.device, lambda p: p.flat)
-        self.linked.index_copy_(1, flat, linked)
+        self.linked.index_copy_(1, self._link_index(at), linked)
         return gate(v_pre, dim=-1)
+
+    def _link_index(self, at: Positions) -> Tensor:
+        """The rows of ``self.linked`` that hold the links at ``at``."""
+        rows = self.link_rows
+        key = ("link", id(self.rows.plan), self.compact)
+        return at.derived(key, self.linked.device, lambda p: rows[p.flat])
 
     def step(self, x: Any, t: int) -> tuple[Tensor, Tensor]:
         at = self.schedule[t]
@@ -542,8 +555,7 @@ class _GatedStep(UnitStep):
             self.v_conv.write(x, at)
         else:
             h, skip = x
-        flat = at.derived("flat", self.linked.device, lambda p: p.flat)
-        h_pre = self.h_conv(h, at) + self.linked.index_select(1, flat)
+        h_pre = self.h_conv(h, at) + self.linked.index_select(1, self._link_index(at))
         gated = gate(h_pre, self.color_groups, self.group_layout, dim=-1)
         batch, n = gated.shape[:2]
         out = torch.addmm(self.out_bias, gated.reshape(batch * n, -1), self.out_weight)

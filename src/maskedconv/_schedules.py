@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import heapq
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -590,25 +591,112 @@ class CacheLayout:
         for i, j in taps:
             shifted = padded[2 * ph - i : 2 * ph - i + height, 2 * pw - j : 2 * pw - j + width]
             last = torch.maximum(last, shifted)
-        ends = last.flatten().tolist()
-        freed: list[list[int]] = [[] for _ in range(schedule.steps + 1)]
-        free: list[int] = []
-        row_of = [0] * (height * width)
-        rows = 0
-        for t in range(schedule.steps):
-            free.extend(freed[t])
-            for p in schedule[t].flat.tolist():
-                if free:
-                    row = free.pop()
-                else:
-                    row, rows = rows, rows + 1
-                row_of[p] = row
-                freed[ends[p] + 1].append(row)
+        row_of, rows = allocate_rows(schedule, last)
         self.rows = rows
         of_padded = torch.full_like(padded, rows)
-        of_padded[ph : ph + height, pw : pw + width] = torch.tensor(row_of).view(height, width)
+        of_padded[ph : ph + height, pw : pw + width] = row_of.view(height, width)
         self.of_padded = of_padded.flatten()
         self.rank_padded = padded.flatten()
+
+
+def allocate_rows(plan: Plan, last: Tensor) -> tuple[Tensor, int]:
+    """Rows for values that ``plan`` computes (position p at step ``plan.when[p]``) and
+    that are read until step ``last[p]`` (``(H, W)``): a row is handed out when its value
+    is computed, from those freed so far, and freed after ``last``. Interval colouring in
+    order of start: the fewest rows, the most values alive at one step.
+
+    Returns:
+        ``(H*W,)`` int64, the row of each position, and the number of rows.
+    """
+    ends = last.flatten().tolist()
+    steps = len(plan)
+    freed: list[list[int]] = [[] for _ in range(max([*ends, steps]) + 2)]
+    free: list[int] = []
+    row_of = [0] * len(ends)
+    rows = 0
+    for t in range(steps):
+        free.extend(freed[t])
+        for p in plan[t].flat.tolist():
+            if free:
+                row = free.pop()
+            else:
+                row, rows = rows, rows + 1
+            row_of[p] = row
+            freed[max(ends[p], t) + 1].append(row)
+    return torch.tensor(row_of, dtype=torch.long), rows
+
+
+class RowLayout:
+    """Where a cache that is read a whole row at a time keeps each row of its padded
+    input: a row gets a place when its first value is written (at a step of ``written``)
+    and gives it back after the last step of ``read`` that reads it through ``taps``
+    (``(i, j)`` into the padded kernel, dilation applied). Rows above and below the image,
+    and rows never written, read the zero row, number ``rows``. Made by ``row_layout``.
+
+    Attributes:
+        rows: the places for rows (the cache has ``rows + 1`` padded rows).
+        of_padded_row: ``(H + 2ph,)`` int64: the place of each padded row.
+    """
+
+    def __init__(
+        self, written: Plan, read: Plan, taps: Sequence[tuple[int, int]], pad: tuple[int, int]
+    ) -> None:
+        height, width = written.height, written.width
+        ph, pw = pad
+        never = max(len(written), len(read)) + 1
+        readers = torch.full((height + 2 * ph, width + 2 * pw), -1, dtype=torch.long)
+        readers[ph : ph + height, pw : pw + width] = torch.where(
+            read.when >= len(read), -1, read.when
+        )
+        written_at = torch.where(written.when >= len(written), never, written.when)
+        last = written_at.clone()
+        for i, j in taps:
+            shifted = readers[2 * ph - i : 2 * ph - i + height, 2 * pw - j : 2 * pw - j + width]
+            last = torch.maximum(last, shifted)
+        first = written_at.amin(1).tolist()
+        ends = last.amax(1).tolist()
+        place = [-1] * height
+        alive: list[tuple[int, int]] = []  # (last step read, place), a heap
+        free: list[int] = []
+        rows = 0
+        for r in sorted(range(height), key=lambda r: (first[r], r)):
+            if first[r] >= never:
+                continue  # never written: the zero row
+            while alive and alive[0][0] < first[r]:
+                free.append(heapq.heappop(alive)[1])
+            if free:
+                place[r] = free.pop()
+            else:
+                place[r], rows = rows, rows + 1
+            heapq.heappush(alive, (max(ends[r], first[r]), place[r]))
+        self.rows = rows
+        of_row = torch.tensor([rows if p < 0 else p for p in place], dtype=torch.long)
+        self.of_padded_row = torch.full((height + 2 * ph,), rows, dtype=torch.long)
+        self.of_padded_row[ph : ph + height] = of_row
+
+
+def row_layout(
+    written: Plan, read: Plan, taps: Sequence[tuple[int, int]], pad: tuple[int, int]
+) -> RowLayout:
+    """The ``RowLayout`` of a conv that reads ``written``'s values at ``read``'s steps,
+    made once and kept with ``read``."""
+    key = (id(written), tuple(tuple(tap) for tap in taps), tuple(pad))
+    kept: dict[Any, RowLayout] = read.__dict__.setdefault("_row_layouts", {})
+    if key not in kept:
+        with torch.inference_mode(False):
+            kept[key] = RowLayout(written, read, taps, pad)
+    return kept[key]
+
+
+def link_rows(schedule: Schedule, plan: Plan) -> tuple[Tensor, int]:
+    """``allocate_rows`` for values that ``plan`` computes and that the main stream reads
+    once, at each position's own step of ``schedule`` (a gated layer's links into its
+    horizontal stack); kept with the plan."""
+    kept = plan.__dict__.get("_link_rows")
+    if kept is None:
+        with torch.inference_mode(False):
+            kept = plan.__dict__["_link_rows"] = allocate_rows(plan, schedule.rank)
+    return kept
 
 
 def cache_layout(

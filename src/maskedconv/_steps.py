@@ -32,10 +32,12 @@ from ._schedules import (
     CacheLayout,
     Plan,
     Positions,
+    RowLayout,
     RowReads,
     Schedule,
     cache_layout,
     plan_row_streams,
+    row_layout,
 )
 
 __all__ = ["CausalUnit", "ConvStep", "NoIncrementalPathError", "StepContext", "UnitStep"]
@@ -176,10 +178,11 @@ class ConvStep:
     gather), then does one matmul ``(B*n, taps*C_in) @ (taps*C_in, C_out)``. On a
     ``Schedule`` its rows follow a ``CacheLayout``: a position keeps its row only until
     the last step that reads it, so a k x k conv holds a few rows of the image in raster
-    order and a band around the wavefront, not the image (with ``compact=False``, and
-    for a group-major schedule, it is the whole zero-padded image, ``Hp*Wp`` rows, as a
-    row stream's whole-row reads need). A 1x1 conv keeps no cache. The weights are read
-    when the step is built.
+    order and a band around the wavefront, not the image. With ``compact=False`` (a
+    row stream's whole-row reads need the padded rows whole), and for a group-major
+    schedule, it is the zero-padded image, ``Hp*Wp`` rows, unless ``keep_rows`` then
+    keeps each padded row only while it is read. A 1x1 conv keeps no cache. The weights
+    are read when the step is built.
     A board conv (``"checkerboard"``, ``"group-checkerboard"``) gives an anchor's output a
     second weight, without the taps that read the anchors only; a step of anchors alone
     whose context is then the centre runs as a 1x1 conv.
@@ -232,10 +235,12 @@ class ConvStep:
         padded_w = width + 2 * pw
         self.key = (padded_w, ph, pw)
         self.offsets = torch.tensor([i * dh * padded_w + j * dw for i, j in taps])
+        self.taps = [(i * dh, j * dw) for i, j in taps]
         self.layout: CacheLayout | None = None
-        if compact and context.compact_caches and isinstance(context.schedule, Schedule):
-            dilated = [(i * dh, j * dw) for i, j in taps]
-            self.layout = cache_layout(context.schedule, dilated, (ph, pw))
+        self.row_layout: RowLayout | None = None
+        self.compact = context.compact_caches
+        if compact and self.compact and isinstance(context.schedule, Schedule):
+            self.layout = cache_layout(context.schedule, self.taps, (ph, pw))
 
         # (O, I, T) -> (T*I, O): the order of a (B, n, T, I) patch, flattened.
         def gathered(w: Tensor) -> Tensor:
@@ -254,9 +259,32 @@ class ConvStep:
         self.dilation = (dh, dw)
         self.width = width
 
+    def keep_rows(self, written: Plan, read: Plan) -> None:
+        """Read a whole row at a time (``compact=False``): keep each padded row only from
+        its first write (at ``written``'s steps) to its last read (at ``read``'s), as
+        ``RowLayout`` says (unless the context keeps whole images)."""
+        if not self.spatial or self.layout is not None or not self.compact:
+            return
+        self.row_layout = row_layout(written, read, self.taps, self.key[1:])
+        batch, _, channels = self.cache.shape
+        rows = (self.row_layout.rows + 1) * self.key[0]
+        self.cache = self.cache.new_zeros(batch, rows, channels)
+
+    def _in_rows(self, padded: Tensor) -> Tensor:
+        """Indices into the padded image -> into a cache of ``row_layout``'s rows."""
+        assert self.row_layout is not None
+        padded_w = self.key[0]
+        return self.row_layout.of_padded_row[padded // padded_w] * padded_w + padded % padded_w
+
     def _put_index(self, at: Positions) -> Tensor:
         padded_w, ph, pw = self.key
         layout = self.layout
+        if self.row_layout is not None:
+            return at.derived(
+                ("put", self.key, id(self.row_layout)),
+                self.cache.device,
+                lambda p: self._in_rows((p.rows + ph) * padded_w + p.cols + pw),
+            )
         if layout is None:
             return at.derived(
                 ("put", self.key),
@@ -277,6 +305,10 @@ class ConvStep:
         def padded(p: Positions) -> Tensor:
             return ((p.rows * padded_w + p.cols).unsqueeze(1) + offsets).flatten()
 
+        key: tuple[Any, ...]
+        if self.row_layout is not None:
+            key = ("read", self.key, tuple(offsets.tolist()), id(self.row_layout))
+            return at.derived(key, self.cache.device, lambda p: self._in_rows(padded(p)))
         if layout is None:
             key = ("read", self.key, tuple(offsets.tolist()))
             return at.derived(key, self.cache.device, padded)
@@ -300,7 +332,11 @@ class ConvStep:
         first, last = self.rows_kept
         dh, dw = self.dilation
         grid = self.cache.view(batch, -1, padded_w, channels)
-        slab = grid[:, row + first * dh : row + (last - 1) * dh + 1].permute(0, 3, 1, 2)
+        if self.row_layout is None:
+            slab = grid[:, row + first * dh : row + (last - 1) * dh + 1].permute(0, 3, 1, 2)
+        else:
+            places = self.row_layout.of_padded_row[row + first * dh : row + (last - 1) * dh + 1]
+            slab = grid.index_select(1, places.to(grid.device)).permute(0, 3, 1, 2)
         # A contiguous copy first: the conv on the strided channels-last view was 1.5x slower.
         slab = slab.contiguous()
         out = torch.nn.functional.conv2d(slab, self.row_weight, self.bias, dilation=(dh, dw))
