@@ -380,7 +380,7 @@ def _bare_steps(model: PixelCNN, batch: int, steps: list[Any]) -> Callable[[], N
     the least any eager, step-by-step sampler of this model dispatches."""
     stem, *blocks, _, logits = model.trunk
     width = 28 + 6
-    made: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[Any]]] = []
+    made: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Any]]] = []
     for conv in [stem.conv] + [block.conv_mid for block in blocks]:
         taps = torch.nonzero(conv.mask.bool().any(0).any(0)).tolist()
         offsets = torch.tensor([i * width + j for i, j in taps], device=DEVICE)
@@ -388,7 +388,7 @@ def _bare_steps(model: PixelCNN, batch: int, steps: list[Any]) -> Callable[[], N
         cache = torch.zeros(batch, width * width, conv.in_channels, device=DEVICE)
         reads = [((at.rows * width + at.cols).to(DEVICE).unsqueeze(1) + offsets).flatten()
                  for at in steps]  # fmt: skip
-        made.append((cache, weight, torch.randn(conv.out_channels, device=DEVICE), offsets, reads))
+        made.append((cache, weight, torch.randn(conv.out_channels, device=DEVICE), reads))
     puts = [((at.rows + 3) * width + at.cols + 3).to(DEVICE) for at in steps]
     hidden = blocks[0].conv_in.in_channels
     square = torch.randn(hidden, hidden, device=DEVICE)
@@ -401,12 +401,12 @@ def _bare_steps(model: PixelCNN, batch: int, steps: list[Any]) -> Callable[[], N
         with torch.no_grad():
             drawn = None
             for t in range(len(steps)):
-                cache, weight, out_bias, _, reads = made[0]
+                cache, weight, out_bias, reads = made[0]
                 if drawn is not None:
                     cache.index_copy_(1, puts[t - 1], drawn)
                 patches = cache.index_select(1, reads[t]).view(-1, weight.shape[0])
                 h = torch._addmm_activation(out_bias, patches, weight)
-                for cache, weight, out_bias, _, reads in made[1:]:
+                for cache, weight, out_bias, reads in made[1:]:
                     inner = torch._addmm_activation(bias, h, square)
                     cache.index_copy_(1, puts[t], inner.view(batch, -1, hidden))
                     patches = cache.index_select(1, reads[t]).view(-1, weight.shape[0])

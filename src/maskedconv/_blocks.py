@@ -502,8 +502,8 @@ class _GatedStep(UnitStep):
         self.color_groups, self.group_layout = block.color_groups, block.group_layout
         self.source = None if block.first else rows
         self.rows: RowStream = context.next_row_stream()
-        self.v_conv = ConvStep(block.v_conv, context, compact=False)  # read a row at a time
-        self.v_conv.keep_rows(schedule if self.source is None else self.source.plan, self.rows.plan)
+        written = schedule if self.source is None else self.source.plan
+        self.v_conv = ConvStep(block.v_conv, context, whole_rows=(written, self.rows.plan))
         self.h_conv = ConvStep(block.h_conv, context)
         self.v_bias = _bias_step(block.v_condition, context)
         self.h_bias = _bias_step(block.h_condition, context)

@@ -36,8 +36,8 @@ import copy
 import functools
 import heapq
 import weakref
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +54,8 @@ __all__ = [
     "raster",
     "wavefront",
 ]
+
+_T = TypeVar("_T")
 
 SCHEDULES = ("auto", "raster", "wavefront", "checkerboard", "group-checkerboard")
 BOARD_ORDERS = ("checkerboard", "group-checkerboard")
@@ -559,20 +561,74 @@ def plan_row_streams(schedule: Schedule, reads: Sequence[RowReads]) -> list[tupl
     return results
 
 
+def _kept_with(owner: Any, slot: str, key: Any, make: Callable[[], _T]) -> _T:
+    """``make()``, made once per ``key`` and kept in ``owner``'s ``slot`` (a schedule or a
+    plan, which lives as long as everything derived from it)."""
+    kept: dict[Any, _T] = owner.__dict__.setdefault(slot, {})
+    if key not in kept:
+        with torch.inference_mode(False):
+            kept[key] = make()
+    return kept[key]
+
+
+def _last_reads(
+    written_at: Tensor, read_at: Tensor, taps: Sequence[tuple[int, int]], pad: tuple[int, int]
+) -> Tensor:
+    """``(H, W)``: the later of each position's step in ``written_at`` and the last step
+    in ``read_at`` (``-1``: never) of a position that reads it through a tap (``(i, j)``
+    into the padded kernel: the reader of p is at ``p - (i, j) + pad``)."""
+    height, width = written_at.shape
+    ph, pw = pad
+    readers = torch.full((height + 2 * ph, width + 2 * pw), -1, dtype=torch.long)
+    readers[ph : ph + height, pw : pw + width] = read_at
+    last = written_at.clone()
+    for i, j in taps:
+        shifted = readers[2 * ph - i : 2 * ph - i + height, 2 * pw - j : 2 * pw - j + width]
+        last = torch.maximum(last, shifted)
+    return last
+
+
+def colour_intervals(starts: Tensor, ends: Tensor, never: int) -> tuple[Tensor, int]:
+    """A place for each interval ``[start, end]`` of steps, different for any two alive
+    at one step: in order of start, each takes a place given back by an interval that
+    ended before it starts, else a new one. That is the fewest places any assignment can
+    have: the most intervals alive at one step. An interval that starts at ``never`` or
+    later gets no place (``-1``).
+
+    Returns:
+        The places, shaped as ``starts``, and how many there are.
+    """
+    first, last = starts.flatten().tolist(), ends.flatten().tolist()
+    place = [-1] * len(first)
+    alive: list[tuple[int, int]] = []  # (last step, place), a heap
+    free: list[int] = []
+    count = 0
+    for i in sorted(range(len(first)), key=lambda i: (first[i], i)):
+        if first[i] >= never:
+            continue
+        while alive and alive[0][0] < first[i]:
+            free.append(heapq.heappop(alive)[1])
+        if free:
+            place[i] = free.pop()
+        else:
+            place[i], count = count, count + 1
+        heapq.heappush(alive, (max(last[i], first[i]), place[i]))
+    return torch.tensor(place, dtype=torch.long).view(starts.shape), count
+
+
 class CacheLayout:
     """Where a cache of an ``H x W`` input keeps each position, for one schedule and one
     set of taps: a row is reused once the last step that reads its position is done.
 
     A conv's step at step t reads its input at ``p + tap`` for each of its positions p;
     a position written at step ``rank[p]`` is then needed until the last step that reads
-    it. Rows are handed out in step order, each from the rows freed so far (the fewest
-    rows any layout can have: the most positions alive at one step). Row ``rows`` is the
-    zero row: the padding around the image, and positions that a step reads before they
-    are written (a board conv's anchors read their non-anchor taps with zero weights),
-    read from it, as they read zeros from a whole padded image.
+    it. Rows are handed out in step order (``colour_intervals``: the fewest rows any
+    layout can have, the most positions alive at one step). Row ``rows`` is the zero
+    row: the padding around the image, and positions that a step reads before they are
+    written (a board conv's anchors read their non-anchor taps with zero weights), read
+    from it, as they read zeros from a whole padded image.
 
     Attributes:
-        key: the taps and the padding it was made for.
         rows: the number of rows for positions (the cache has ``rows + 1``).
         of_padded: ``((H + 2ph) * (W + 2pw),)`` int64: the row of each position of the
             padded image (row-major); ``rows`` for the padding.
@@ -580,50 +636,17 @@ class CacheLayout:
     """
 
     def __init__(self, schedule: Schedule, taps: Sequence[tuple[int, int]], pad: tuple[int, int]):
-        self.key = (tuple(tuple(tap) for tap in taps), tuple(pad))
         height, width = schedule.height, schedule.width
         ph, pw = pad
         rank = schedule.rank
-        padded = torch.full((height + 2 * ph, width + 2 * pw), -1, dtype=torch.long)
-        padded[ph : ph + height, pw : pw + width] = rank
-        # Read by the step of the position at p - (tap - pad): the latest such step.
-        last = rank.clone()
-        for i, j in taps:
-            shifted = padded[2 * ph - i : 2 * ph - i + height, 2 * pw - j : 2 * pw - j + width]
-            last = torch.maximum(last, shifted)
-        row_of, rows = allocate_rows(schedule, last)
-        self.rows = rows
-        of_padded = torch.full_like(padded, rows)
-        of_padded[ph : ph + height, pw : pw + width] = row_of.view(height, width)
+        last = _last_reads(rank, rank, taps, pad)
+        row_of, self.rows = colour_intervals(rank, last, len(schedule))
+        rank_padded = torch.full((height + 2 * ph, width + 2 * pw), -1, dtype=torch.long)
+        rank_padded[ph : ph + height, pw : pw + width] = rank
+        of_padded = torch.full_like(rank_padded, self.rows)
+        of_padded[ph : ph + height, pw : pw + width] = row_of
         self.of_padded = of_padded.flatten()
-        self.rank_padded = padded.flatten()
-
-
-def allocate_rows(plan: Plan, last: Tensor) -> tuple[Tensor, int]:
-    """Rows for values that ``plan`` computes (position p at step ``plan.when[p]``) and
-    that are read until step ``last[p]`` (``(H, W)``): a row is handed out when its value
-    is computed, from those freed so far, and freed after ``last``. Interval colouring in
-    order of start: the fewest rows, the most values alive at one step.
-
-    Returns:
-        ``(H*W,)`` int64, the row of each position, and the number of rows.
-    """
-    ends = last.flatten().tolist()
-    steps = len(plan)
-    freed: list[list[int]] = [[] for _ in range(max([*ends, steps]) + 2)]
-    free: list[int] = []
-    row_of = [0] * len(ends)
-    rows = 0
-    for t in range(steps):
-        free.extend(freed[t])
-        for p in plan[t].flat.tolist():
-            if free:
-                row = free.pop()
-            else:
-                row, rows = rows, rows + 1
-            row_of[p] = row
-            freed[max(ends[p], t) + 1].append(row)
-    return torch.tensor(row_of, dtype=torch.long), rows
+        self.rank_padded = rank_padded.flatten()
 
 
 class RowLayout:
@@ -636,6 +659,8 @@ class RowLayout:
     Attributes:
         rows: the places for rows (the cache has ``rows + 1`` padded rows).
         of_padded_row: ``(H + 2ph,)`` int64: the place of each padded row.
+        of_padded: ``((H + 2ph) * (W + 2pw),)`` int64: where each position of the padded
+            image is in the cache, ``(B, (rows + 1) * (W + 2pw), C)``.
     """
 
     def __init__(
@@ -644,35 +669,15 @@ class RowLayout:
         height, width = written.height, written.width
         ph, pw = pad
         never = max(len(written), len(read)) + 1
-        readers = torch.full((height + 2 * ph, width + 2 * pw), -1, dtype=torch.long)
-        readers[ph : ph + height, pw : pw + width] = torch.where(
-            read.when >= len(read), -1, read.when
-        )
         written_at = torch.where(written.when >= len(written), never, written.when)
-        last = written_at.clone()
-        for i, j in taps:
-            shifted = readers[2 * ph - i : 2 * ph - i + height, 2 * pw - j : 2 * pw - j + width]
-            last = torch.maximum(last, shifted)
-        first = written_at.amin(1).tolist()
-        ends = last.amax(1).tolist()
-        place = [-1] * height
-        alive: list[tuple[int, int]] = []  # (last step read, place), a heap
-        free: list[int] = []
-        rows = 0
-        for r in sorted(range(height), key=lambda r: (first[r], r)):
-            if first[r] >= never:
-                continue  # never written: the zero row
-            while alive and alive[0][0] < first[r]:
-                free.append(heapq.heappop(alive)[1])
-            if free:
-                place[r] = free.pop()
-            else:
-                place[r], rows = rows, rows + 1
-            heapq.heappush(alive, (max(ends[r], first[r]), place[r]))
-        self.rows = rows
-        of_row = torch.tensor([rows if p < 0 else p for p in place], dtype=torch.long)
-        self.of_padded_row = torch.full((height + 2 * ph,), rows, dtype=torch.long)
-        self.of_padded_row[ph : ph + height] = of_row
+        read_at = torch.where(read.when >= len(read), -1, read.when)
+        last = _last_reads(written_at, read_at, taps, pad)
+        place, self.rows = colour_intervals(written_at.amin(1), last.amax(1), never)
+        self.of_padded_row = torch.full((height + 2 * ph,), self.rows, dtype=torch.long)
+        self.of_padded_row[ph : ph + height] = torch.where(place < 0, self.rows, place)
+        padded_w = width + 2 * pw
+        columns = torch.arange(padded_w)
+        self.of_padded = (self.of_padded_row.unsqueeze(1) * padded_w + columns).flatten()
 
 
 def row_layout(
@@ -681,22 +686,20 @@ def row_layout(
     """The ``RowLayout`` of a conv that reads ``written``'s values at ``read``'s steps,
     made once and kept with ``read``."""
     key = (id(written), tuple(tuple(tap) for tap in taps), tuple(pad))
-    kept: dict[Any, RowLayout] = read.__dict__.setdefault("_row_layouts", {})
-    if key not in kept:
-        with torch.inference_mode(False):
-            kept[key] = RowLayout(written, read, taps, pad)
-    return kept[key]
+    return _kept_with(read, "_row_layouts", key, lambda: RowLayout(written, read, taps, pad))
 
 
 def link_rows(schedule: Schedule, plan: Plan) -> tuple[Tensor, int]:
-    """``allocate_rows`` for values that ``plan`` computes and that the main stream reads
-    once, at each position's own step of ``schedule`` (a gated layer's links into its
-    horizontal stack); kept with the plan."""
-    kept = plan.__dict__.get("_link_rows")
-    if kept is None:
-        with torch.inference_mode(False):
-            kept = plan.__dict__["_link_rows"] = allocate_rows(plan, schedule.rank)
-    return kept
+    """For values that ``plan`` computes and that the main stream reads once, at each
+    position's own step of ``schedule`` (a gated layer's links into its horizontal
+    stack): ``colour_intervals``'s ``(H*W,)`` place of each, and how many; kept with the
+    plan. (The plan computes every value by its step, or ``plan_row_streams`` refuses.)"""
+
+    def make() -> tuple[Tensor, int]:
+        place, count = colour_intervals(plan.when, schedule.rank, len(plan))
+        return place.flatten(), count
+
+    return _kept_with(plan, "_link_rows", None, make)
 
 
 def cache_layout(
@@ -709,8 +712,4 @@ def cache_layout(
     if schedule.group_passes > 1:
         return None
     key = (tuple(tuple(tap) for tap in taps), tuple(pad))
-    kept: dict[Any, CacheLayout] = schedule.__dict__.setdefault("_cache_layouts", {})
-    if key not in kept:
-        with torch.inference_mode(False):
-            kept[key] = CacheLayout(schedule, taps, pad)
-    return kept[key]
+    return _kept_with(schedule, "_cache_layouts", key, lambda: CacheLayout(schedule, taps, pad))

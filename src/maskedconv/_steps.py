@@ -178,11 +178,12 @@ class ConvStep:
     gather), then does one matmul ``(B*n, taps*C_in) @ (taps*C_in, C_out)``. On a
     ``Schedule`` its rows follow a ``CacheLayout``: a position keeps its row only until
     the last step that reads it, so a k x k conv holds a few rows of the image in raster
-    order and a band around the wavefront, not the image. With ``compact=False`` (a
-    row stream's whole-row reads need the padded rows whole), and for a group-major
-    schedule, it is the zero-padded image, ``Hp*Wp`` rows, unless ``keep_rows`` then
-    keeps each padded row only while it is read. A 1x1 conv keeps no cache. The weights
-    are read when the step is built.
+    order and a band around the wavefront, not the image. A conv read a whole row at a
+    time (a row stream: ``whole_rows=(written, read)``, the plans of its writes and
+    reads) keeps whole padded rows, each only while it is read (``RowLayout``). For a
+    group-major schedule, or where the context says so, the cache is the zero-padded
+    image, ``Hp*Wp`` rows. A 1x1 conv keeps no cache. The weights are read when the step
+    is built.
     A board conv (``"checkerboard"``, ``"group-checkerboard"``) gives an anchor's output a
     second weight, without the taps that read the anchors only; a step of anchors alone
     whose context is then the centre runs as a 1x1 conv.
@@ -190,7 +191,13 @@ class ConvStep:
     measured within 10% of the gather either way, and slower for few input channels.)
     """
 
-    def __init__(self, conv: nn.Conv2d, context: StepContext, *, compact: bool = True) -> None:
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        context: StepContext,
+        *,
+        whole_rows: tuple[Plan, Plan] | None = None,
+    ) -> None:
         height, width = context.schedule.height, context.schedule.width
         weight = masked_weight(conv)
         # A board conv (checkerboard, group checkerboard): its gated taps read the anchors
@@ -235,12 +242,25 @@ class ConvStep:
         padded_w = width + 2 * pw
         self.key = (padded_w, ph, pw)
         self.offsets = torch.tensor([i * dh * padded_w + j * dw for i, j in taps])
-        self.taps = [(i * dh, j * dw) for i, j in taps]
+        # Where each position of the padded image is in the cache: ``table`` (None: the
+        # cache is the padded image), one of the two layouts.
+        dilated = [(i * dh, j * dw) for i, j in taps]
         self.layout: CacheLayout | None = None
         self.row_layout: RowLayout | None = None
-        self.compact = context.compact_caches
-        if compact and self.compact and isinstance(context.schedule, Schedule):
-            self.layout = cache_layout(context.schedule, self.taps, (ph, pw))
+        self.table: Tensor | None = None
+        cache_rows = (height + 2 * ph) * padded_w
+        if context.compact_caches and isinstance(context.schedule, Schedule):
+            if whole_rows is not None:
+                self.row_layout = row_layout(*whole_rows, dilated, (ph, pw))
+                self.table = self.row_layout.of_padded
+                cache_rows = (self.row_layout.rows + 1) * padded_w
+            else:
+                self.layout = cache_layout(context.schedule, dilated, (ph, pw))
+                if self.layout is not None:
+                    self.table = self.layout.of_padded
+                    cache_rows = self.layout.rows + 1
+        # Kept with the schedule or a plan, as the index tensors derived from it are.
+        self._layout_id = id(self.layout or self.row_layout) if self.table is not None else None
 
         # (O, I, T) -> (T*I, O): the order of a (B, n, T, I) patch, flattened.
         def gathered(w: Tensor) -> Tensor:
@@ -249,8 +269,7 @@ class ConvStep:
 
         self.weight = gathered(weight)
         self.anchor_weight = gathered(anchor_weight) if self.gated else self.weight
-        rows = (height + 2 * ph) * padded_w if self.layout is None else self.layout.rows + 1
-        self.cache = weight.new_zeros(context.batch, rows, in_c)
+        self.cache = weight.new_zeros(context.batch, cache_rows, in_c)
         # For a whole row at once (a row stream in raster order): the kernel rows that
         # hold a kept tap, for one convolution over that slab of the cache.
         kept_rows = sorted({i for i, _ in taps})
@@ -259,73 +278,38 @@ class ConvStep:
         self.dilation = (dh, dw)
         self.width = width
 
-    def keep_rows(self, written: Plan, read: Plan) -> None:
-        """Read a whole row at a time (``compact=False``): keep each padded row only from
-        its first write (at ``written``'s steps) to its last read (at ``read``'s), as
-        ``RowLayout`` says (unless the context keeps whole images)."""
-        if not self.spatial or self.layout is not None or not self.compact:
-            return
-        self.row_layout = row_layout(written, read, self.taps, self.key[1:])
-        batch, _, channels = self.cache.shape
-        rows = (self.row_layout.rows + 1) * self.key[0]
-        self.cache = self.cache.new_zeros(batch, rows, channels)
-
-    def _in_rows(self, padded: Tensor) -> Tensor:
-        """Indices into the padded image -> into a cache of ``row_layout``'s rows."""
-        assert self.row_layout is not None
-        padded_w = self.key[0]
-        return self.row_layout.of_padded_row[padded // padded_w] * padded_w + padded % padded_w
-
     def _put_index(self, at: Positions) -> Tensor:
         padded_w, ph, pw = self.key
-        layout = self.layout
-        if self.row_layout is not None:
-            return at.derived(
-                ("put", self.key, id(self.row_layout)),
-                self.cache.device,
-                lambda p: self._in_rows((p.rows + ph) * padded_w + p.cols + pw),
-            )
-        if layout is None:
-            return at.derived(
-                ("put", self.key),
-                self.cache.device,
-                lambda p: (p.rows + ph) * padded_w + p.cols + pw,
-            )
-        return at.derived(
-            ("put", self.key, layout.key),
-            self.cache.device,
-            lambda p: layout.of_padded[(p.rows + ph) * padded_w + p.cols + pw],
-        )
+        table = self.table
+
+        def put(p: Positions) -> Tensor:
+            padded = (p.rows + ph) * padded_w + p.cols + pw
+            return padded if table is None else table[padded]
+
+        return at.derived(("put", self.key, self._layout_id), self.cache.device, put)
 
     def _read_index(self, at: Positions) -> Tensor:
         padded_w, ph, pw = self.key
-        offsets = self.offsets
-        layout = self.layout
+        offsets, table, layout = self.offsets, self.table, self.layout
 
-        def padded(p: Positions) -> Tensor:
-            return ((p.rows * padded_w + p.cols).unsqueeze(1) + offsets).flatten()
-
-        key: tuple[Any, ...]
-        if self.row_layout is not None:
-            key = ("read", self.key, tuple(offsets.tolist()), id(self.row_layout))
-            return at.derived(key, self.cache.device, lambda p: self._in_rows(padded(p)))
-        if layout is None:
-            key = ("read", self.key, tuple(offsets.tolist()))
-            return at.derived(key, self.cache.device, padded)
-
-        def rows(p: Positions) -> Tensor:
+        def read(p: Positions) -> Tensor:
+            padded = ((p.rows * padded_w + p.cols).unsqueeze(1) + offsets).flatten()
+            if table is None:
+                return padded
+            if layout is None:
+                return table[padded]
             # A position not yet written reads the zero row, as it reads zero from a
             # whole padded image (all of a step's positions share its rank).
-            read = padded(p)
             step = layout.rank_padded[(p.rows[0] + ph) * padded_w + p.cols[0] + pw]
-            return torch.where(layout.rank_padded[read] > step, layout.rows, layout.of_padded[read])
+            return torch.where(layout.rank_padded[padded] > step, layout.rows, table[padded])
 
-        return at.derived(("read", self.key, layout.key), self.cache.device, rows)
+        key = ("read", self.key, tuple(offsets.tolist()), self._layout_id)
+        return at.derived(key, self.cache.device, read)
 
     def _whole_row(self, at: Positions) -> Tensor:
         """``(B, W, C_out)`` at a whole row ``at``: one convolution over the cached rows."""
         if self.layout is not None:
-            raise NoIncrementalPathError("a whole-row read needs a ConvStep(compact=False)")
+            raise NoIncrementalPathError("a whole-row read needs a ConvStep(..., whole_rows=...)")
         padded_w, _, _ = self.key
         batch, _, channels = self.cache.shape
         row = int(at.rows[0])
